@@ -1,0 +1,124 @@
+"""``HeadMaskConfig``: which attention heads to train, and how."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from .layout import PARTS
+
+FORWARD_STRATEGIES = ("merged", "output_add")
+
+
+@dataclass
+class HeadMaskConfig(PeftConfig):
+    """Configuration of a head-mask adapter (ALPS-style attention head fine-tuning).
+
+    Only the selected heads' weight slices become trainable tensors; every other
+    weight stays frozen and receives no gradient.
+
+    Example::
+
+        import peft_alps
+        from peft import get_peft_model
+        model = get_peft_model(base, peft_alps.HeadMaskConfig(heads={3: [0, 5], 11: [2]}))
+    """
+
+    heads: dict[int, list[int]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Layer index -> list of query-head indices to train, e.g. {3: [0, 5], 11: [2]}. "
+            "Layer keys may be strings (as after a JSON round trip); they are converted to int."
+        },
+    )
+    parts: list[str] = field(
+        default_factory=lambda: ["q", "k", "v"],
+        metadata={
+            "help": "Subset of q, k, v, o to train for each selected head (default q, k, v as in the ALPS paper). "
+            "k/v train the key/value group the query head reads under GQA; o trains the head's input columns of "
+            "the output projection."
+        },
+    )
+    layout: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "Attention layout (see peft_alps.HeadLayout). Filled from the model config for supported "
+            "architectures and saved with the adapter; pass it yourself for an architecture peft_alps does not know."
+        },
+    )
+    forward_strategy: str = field(
+        default="merged",
+        metadata={
+            "help": "'merged': one matmul with the head slices added into a temporary weight (custom autograd, "
+            "fastest on CPU in benchmarks/forward_strategy.py); 'output_add': base output plus x @ delta^T added "
+            "into the selected channels (no weight copy)."
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: deltas start at zero (the model is unchanged at init). False: small random "
+                  "deltas, for tests."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Extra modules trained in full and saved with the adapter, e.g. ['score'] for a "
+                  "classification head."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Filled automatically with the exact module names that hold selected heads; "
+                  "do not set it."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        from peft.utils import PeftType
+
+        self.peft_type = PeftType.HEADMASK
+        self.heads = _normalise_heads(self.heads)
+        _check_parts(self.parts)
+        self.parts = [p for p in PARTS if p in self.parts]
+        if self.forward_strategy not in FORWARD_STRATEGIES:
+            raise ValueError(
+                f"forward_strategy must be one of {FORWARD_STRATEGIES}, got {self.forward_strategy!r}."
+            )
+
+    @property
+    def num_selected_heads(self) -> int:
+        return sum(len(v) for v in self.heads.values())
+
+
+def _check_parts(parts) -> None:
+    if isinstance(parts, str):
+        raise ValueError(f"parts must be a list such as ['q', 'k', 'v'], got the string {parts!r}.")
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"Unknown part(s) {unknown}: parts must be a non-empty subset of {list(PARTS)}.")
+    if not parts:
+        raise ValueError(f"parts is empty: choose a non-empty subset of {list(PARTS)}.")
+
+
+def _normalise_heads(heads) -> dict[int, list[int]]:
+    """Validate ``heads`` and return it with int keys and sorted, distinct int heads."""
+    if not isinstance(heads, dict) or not heads:
+        raise ValueError(
+            "heads is empty: pass a dict of layer index -> list of query heads, e.g. heads={3: [0, 5]} "
+            "(peft_alps.select_heads(scores) produces one)."
+        )
+    out = {}
+    for layer, hs in heads.items():
+        try:
+            layer_idx = int(layer)
+        except (TypeError, ValueError):
+            raise ValueError(f"heads has a non-integer layer key {layer!r}.") from None
+        if isinstance(hs, int):
+            hs = [hs]
+        hs = list(hs)
+        if not hs:
+            raise ValueError(f"heads[{layer_idx}] is empty: drop the layer or list at least one head.")
+        if layer_idx < 0 or any(not isinstance(h, int) or isinstance(h, bool) or h < 0 for h in hs):
+            raise ValueError(f"heads[{layer!r}] = {hs}: layer and head indices must be non-negative integers.")
+        out[layer_idx] = sorted(set(hs))
+    return dict(sorted(out.items()))

@@ -1,0 +1,116 @@
+"""Tiny random models of every supported architecture, and an independent
+reference for which weight entries belong to a head (built with tensor views,
+not with peft_alps' index arithmetic)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+VOCAB = 128
+
+# arch -> (config factory, model class, module path per part inside block, blocks attr, fused kind)
+_SEP = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+_BERT = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+         "o": "attention.output.dense"}
+_DEC = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
+ARCHS = {
+    "llama": (lambda: tf.LlamaConfig(**_DEC, num_key_value_heads=2), tf.LlamaForCausalLM, _SEP, "layers", None),
+    "mistral": (lambda: tf.MistralConfig(**_DEC, num_key_value_heads=2), tf.MistralForCausalLM, _SEP, "layers", None),
+    "qwen2": (lambda: tf.Qwen2Config(**_DEC, num_key_value_heads=2), tf.Qwen2ForCausalLM, _SEP, "layers", None),
+    "phi3": (lambda: tf.Phi3Config(**_DEC, num_key_value_heads=2, pad_token_id=0), tf.Phi3ForCausalLM,
+             {"q": "self_attn.qkv_proj", "k": "self_attn.qkv_proj", "v": "self_attn.qkv_proj",
+              "o": "self_attn.o_proj"}, "layers", "blocks"),
+    "gpt2": (lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=64),
+             tf.GPT2LMHeadModel, {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj"},
+             "h", "blocks"),
+    "gpt_neox": (lambda: tf.GPTNeoXConfig(**_DEC), tf.GPTNeoXForCausalLM,
+                 {"q": "attention.query_key_value", "k": "attention.query_key_value",
+                  "v": "attention.query_key_value", "o": "attention.dense"}, "layers", "interleaved"),
+    "bert": (lambda: tf.BertConfig(**_DEC, max_position_embeddings=64), tf.BertModel, _BERT, "layer", None),
+    "roberta": (lambda: tf.RobertaConfig(**_DEC, max_position_embeddings=64), tf.RobertaModel, _BERT, "layer", None),
+}
+ARCH_NAMES = list(ARCHS)
+
+
+def make_model(arch: str, seed: int = 0, dtype=torch.float32):
+    """A tiny random model of ``arch`` (3 layers, hidden 64, 4 heads; GQA with 2 kv heads where supported)."""
+    config_fn, cls, *_ = ARCHS[arch]
+    torch.manual_seed(seed)
+    config = config_fn()
+    config._attn_implementation = "eager"
+    model = cls(config).to(dtype)
+    # random biases: the default zero init would hide bias-slice bugs
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "bias", None) is not None and isinstance(m.bias, torch.Tensor):
+                m.bias.normal_(0, 0.02)
+    return model.eval()
+
+
+def make_inputs(seed: int = 1, batch: int = 2, seq: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(2, VOCAB, (batch, seq), generator=g)}
+
+
+def output_of(model, inputs):
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+def block_module(model, arch, layer, part):
+    """The (unwrapped) projection holding ``part`` in block ``layer``."""
+    _, _, modules, blocks, _ = ARCHS[arch]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name, module in base.named_modules():
+        if name.endswith(f"{blocks}.{layer}.{modules[part]}"):
+            return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    raise KeyError((arch, layer, part))
+
+
+def linear_frame(weight, module):
+    """Weight as ``[out, in]`` (transposes GPT-2 Conv1D)."""
+    return weight.t() if type(module).__name__ == "Conv1D" else weight
+
+
+def head_mask(arch, part, head, out_features, in_features, config):
+    """Bool ``[out, in]`` mask of the entries of ``part`` owned by query head ``head``."""
+    nh = config.num_attention_heads
+    nkv = getattr(config, "num_key_value_heads", None) or nh
+    d = config.hidden_size // nh
+    group = head * nkv // nh
+    fused = ARCHS[arch][4]
+    m = torch.zeros(out_features, in_features, dtype=torch.bool)
+    if part == "o":
+        m.view(out_features, nh, d)[:, head] = True
+    elif fused is None:
+        m.view(-1, d, in_features)[head if part == "q" else group] = True
+    elif fused == "blocks":
+        q, k, v = torch.split(m, [nh * d, nkv * d, nkv * d])
+        block = {"q": q, "k": k, "v": v}[part]
+        block.view(-1, d, in_features)[head if part == "q" else group] = True
+    else:  # interleaved per head: [q_h k_h v_h]
+        m.view(nh, 3, d, in_features)[head, "qkv".index(part)] = True
+    return m
+
+
+def expected_masks(model, arch, heads, parts):
+    """{(layer, module path): bool [out, in] mask} of every trainable weight entry, built independently."""
+    modules = ARCHS[arch][2]
+    masks = {}
+    for layer, hs in heads.items():
+        for part in parts:
+            mod = block_module(model, arch, layer, part)
+            w = linear_frame(mod.weight, mod)
+            key = (layer, modules[part])
+            m = masks.get(key, torch.zeros_like(w, dtype=torch.bool))
+            for h in hs:
+                m |= head_mask(arch, part, h, w.shape[0], w.shape[1], model.config)
+            masks[key] = m
+    return masks
+
+
+@pytest.fixture(params=ARCH_NAMES)
+def arch(request):
+    return request.param
