@@ -1,0 +1,89 @@
+"""Bad input raises a clear error before anything is modified."""
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+from conftest import make_inputs, make_model, output_of
+from peft import get_peft_model
+
+import peft_alps
+from peft_alps import HeadMaskConfig, LayoutError
+from peft_alps.layer import HeadMaskLayer
+
+
+def assert_untouched(model, snapshot):
+    assert not any(isinstance(m, HeadMaskLayer) for m in model.modules())
+    assert not hasattr(model, "peft_config")
+    state = model.state_dict()
+    assert state.keys() == snapshot.keys()
+    assert all(torch.equal(state[k], snapshot[k]) for k in state)
+
+
+@pytest.mark.parametrize("heads, match", [
+    ({3: [0]}, r"layer\(s\) \[3\].*3 layers"),
+    ({0: [4]}, r"4 query heads"),
+    ({0: [0], 2: [1, 7]}, r"heads\[2\]"),
+])
+def test_out_of_range_selection(heads, match):
+    model = make_model("llama")
+    snapshot = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        get_peft_model(model, HeadMaskConfig(heads=heads))
+    assert_untouched(model, snapshot)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(heads={}), "heads is empty"),
+    (dict(heads={0: []}), r"heads\[0\] is empty"),
+    (dict(heads={0: [-1]}), "non-negative"),
+    (dict(heads={"x": [0]}), "non-integer layer"),
+    (dict(heads={0: [0]}, parts=["q", "z"]), r"Unknown part\(s\) \['z'\]"),
+    (dict(heads={0: [0]}, parts=[]), "parts is empty"),
+    (dict(heads={0: [0]}, parts="qkv"), "must be a list"),
+    (dict(heads={0: [0]}, forward_strategy="fast"), "forward_strategy"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HeadMaskConfig(**kwargs)
+
+
+def test_unsupported_architecture_names_supported_ones_and_custom_layout():
+    torch.manual_seed(0)
+    model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=64))
+    snapshot = copy.deepcopy(model.state_dict())
+    with pytest.raises(LayoutError, match=r"model_type='opt'.*Supported: \[.*'gpt2'.*'llama'.*layout="):
+        get_peft_model(model, HeadMaskConfig(heads={0: [1]}))
+    assert_untouched(model, snapshot)
+
+    layout = dict(model_type="opt", num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, hidden_size=64,
+                  layers="layers", modules={"q": "self_attn.q_proj", "k": "self_attn.k_proj",
+                                            "v": "self_attn.v_proj", "o": "self_attn.out_proj"})
+    pm = get_peft_model(model, HeadMaskConfig(heads={0: [1]}, layout=layout, parts=["q", "o"]))
+    assert pm.get_nb_trainable_parameters()[0] == 16 * 64 + 16 + 64 * 16  # q rows + q bias rows + o columns
+
+
+def test_custom_layout_with_wrong_module_names_fails_cleanly():
+    model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=64))
+    snapshot = copy.deepcopy(model.state_dict())
+    layout = dict(model_type="opt", num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, hidden_size=64,
+                  layers="layers", modules={"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o"})
+    with pytest.raises(LayoutError, match="Could not find the attention module"):
+        get_peft_model(model, HeadMaskConfig(heads={0: [1]}, layout=layout))
+    assert_untouched(model, snapshot)
+
+
+def test_adding_a_bad_second_adapter_leaves_the_first_intact():
+    pm = get_peft_model(make_model("llama"), HeadMaskConfig(heads={0: [0]}, init_weights=False))
+    inputs = make_inputs()
+    with torch.no_grad():
+        before = output_of(pm, inputs)
+    with pytest.raises(ValueError, match="query heads"):
+        pm.add_adapter("bad", HeadMaskConfig(heads={1: [9]}))
+    assert "bad" not in pm.peft_config
+    with torch.no_grad():
+        assert torch.equal(output_of(pm, inputs), before)
+    assert peft_alps.HeadMaskConfig is HeadMaskConfig
