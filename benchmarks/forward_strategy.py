@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
-import random
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ from peft import get_peft_model
 
 import peft_alps
 from peft_alps import HeadMaskConfig
+from peft_alps.selection import random_heads
 
 SIZES = {
     "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
@@ -35,15 +34,6 @@ SIZES = {
     "large": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=12, num_attention_heads=16,
                   num_key_value_heads=4),
 }
-
-
-def random_heads(n_layers: int, n_heads: int, ratio: float, seed: int) -> dict[int, list[int]]:
-    rng = random.Random(seed)
-    chosen = rng.sample(range(n_layers * n_heads), math.ceil(ratio * n_layers * n_heads))
-    heads: dict[int, list[int]] = {}
-    for i in chosen:
-        heads.setdefault(i // n_heads, []).append(i % n_heads)
-    return heads
 
 
 def main() -> None:

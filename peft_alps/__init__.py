@@ -13,8 +13,9 @@ from .config import HeadMaskConfig
 from .layer import HeadMaskLayer
 from .layout import ARCHITECTURES, HeadLayout, LayoutError
 from .model import HeadMaskModel
+from .selection import random_heads
 
-__all__ = ["ARCHITECTURES", "HeadLayout", "HeadMaskConfig", "HeadMaskLayer", "HeadMaskModel", "LayoutError"]
+__all__ = ["ARCHITECTURES", "HeadLayout", "HeadMaskConfig", "HeadMaskLayer", "HeadMaskModel", "LayoutError", "random_heads"]
 __version__ = "0.1.0"
 
 

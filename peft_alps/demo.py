@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
-import random
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +21,7 @@ from peft import PeftModel, get_peft_model
 from .config import HeadMaskConfig
 from .layer import HeadMaskLayer
 from .pretrained import load_smollm2
+from .selection import random_heads
 
 TRAIN_MODULES = ["argparse", "collections", "json", "logging", "pathlib", "subprocess", "threading", "typing",
                  "unittest", "zipfile", "datetime", "decimal", "fractions", "heapq", "itertools", "functools"]
@@ -47,14 +46,6 @@ def chunks(tokenizer, text: str, seq: int) -> torch.Tensor:
     ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
     n = len(ids) // seq
     return ids[: n * seq].view(n, seq)
-
-
-def random_heads(n_layers: int, n_heads: int, ratio: float, seed: int) -> dict[int, list[int]]:
-    rng = random.Random(seed)
-    heads: dict[int, list[int]] = {}
-    for i in rng.sample(range(n_layers * n_heads), math.ceil(ratio * n_layers * n_heads)):
-        heads.setdefault(i // n_heads, []).append(i % n_heads)
-    return {k: sorted(v) for k, v in sorted(heads.items())}
 
 
 @torch.no_grad()
