@@ -135,7 +135,7 @@ class HeadLayout:
 
     def shape_key(self) -> dict:
         """The numbers two models must share for an adapter to transfer between them."""
-        return {k: getattr(self, k) for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim")}
+        return {k: getattr(self, k) for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")}
 
     # ----- head -> channels -----
     def kv_group(self, head: int) -> int:

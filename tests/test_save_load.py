@@ -122,12 +122,14 @@ def test_transformers_load_adapter(tmp_path):
         torch.testing.assert_close(output_of(model, inputs), expected, atol=1e-6, rtol=0)
 
 
-def test_load_adapter_onto_mismatched_model_fails_before_modifying(tmp_path):
+@pytest.mark.parametrize("shape", [dict(hidden_size=64, num_attention_heads=8), dict(hidden_size=128, head_dim=16)])
+def test_load_adapter_onto_mismatched_model_fails_before_modifying(tmp_path, shape):
     trained_adapter().save_pretrained(tmp_path)
     import transformers as tf
 
-    other = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
-                                               num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2))
+    shape.setdefault("num_attention_heads", 4)
+    other = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=128, intermediate_size=96, num_hidden_layers=3,
+                                               num_key_value_heads=2, **shape))
     before = copy.deepcopy(other.state_dict())
     with pytest.raises(ValueError, match="attention shaped"):
         PeftModel.from_pretrained(other, tmp_path)

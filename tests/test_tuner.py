@@ -213,3 +213,37 @@ def test_plain_merge_and_unload_returns_base_class():
     assert type(merged).__name__ == "GPT2LMHeadModel"
     assert not wrapped_layers(merged)
     assert peft_alps.HeadMaskLayer is HeadMaskLayer
+
+
+@pytest.mark.parametrize("strategy", ["merged", "output_add"])
+@pytest.mark.parametrize("arch_name", ["llama", "gpt2", "gpt_neox"])
+def test_backward_computes_no_full_weight_gradient(arch_name, strategy):
+    """Record every matmul of the backward pass: none produces a weight-shaped [out, in] result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulShapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "matmul"):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    model = make_model(arch_name)
+    weight_shapes = {tuple(m.weight.shape) for m in model.modules() if getattr(m, "weight", None) is not None
+                     and m.weight.dim() == 2}
+    weight_shapes |= {s[::-1] for s in weight_shapes}
+    # one head: delta gradients are [16, 64] / [64, 16], and 14 tokens: nothing legitimate is weight-shaped
+    pm = get_peft_model(model, HeadMaskConfig(heads={1: [2]}, parts=ALL_PARTS, forward_strategy=strategy))
+    loss = output_of(pm, make_inputs(batch=2, seq=7)).pow(2).mean()
+    recorder = MatmulShapes()
+    with recorder:
+        loss.backward()
+    assert recorder.shapes, "no matmul recorded"
+    assert not weight_shapes & set(recorder.shapes), weight_shapes & set(recorder.shapes)
+    # the delta gradients are there, and only they
+    assert all(p.grad is not None for n, p in pm.named_parameters() if "headmask_" in n)
+    assert all(p.grad is None for n, p in pm.named_parameters() if "headmask_" not in n)
