@@ -33,11 +33,13 @@ class ArchSpec:
     ``layers``: name of the ModuleList holding the blocks (``model.layers.3...``
     -> ``"layers"``). ``modules``: part -> module path inside one block.
     ``fused``: ``None``, ``"blocks"`` or ``"interleaved"`` (see module docstring).
+    ``transposed``: weights are stored ``[in, out]`` (GPT-2 ``Conv1D``), not ``[out, in]``.
     """
 
     layers: str
     modules: dict[str, str]
     fused: str | None = None
+    transposed: bool = False
 
 
 _LLAMA = ArchSpec("layers", {p: f"self_attn.{p}_proj" for p in PARTS})
@@ -51,7 +53,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
-    "gpt2": ArchSpec("h", {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj"}, "blocks"),
+    "gpt2": ArchSpec("h", {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj"}, "blocks",
+                    transposed=True),
     "gpt_neox": ArchSpec(
         "layers",
         {"q": "attention.query_key_value", "k": "attention.query_key_value", "v": "attention.query_key_value",
@@ -87,6 +90,7 @@ class HeadLayout:
     layers: str
     modules: dict[str, str] = field(default_factory=dict)
     fused: str | None = None
+    transposed: bool = False
 
     def __post_init__(self):
         missing = [p for p in PARTS if p not in self.modules]
@@ -124,6 +128,7 @@ class HeadLayout:
             layers=spec.layers,
             modules=dict(spec.modules),
             fused=spec.fused,
+            transposed=spec.transposed,
         )
 
     @classmethod
@@ -142,7 +147,7 @@ class HeadLayout:
         """Key/value group read by query head ``head`` (Hugging Face GQA layout)."""
         return head // (self.num_heads // self.num_kv_heads)
 
-    def _part_channels(self, part: str, head: int) -> range:
+    def part_channels(self, part: str, head: int) -> range:
         """Output channels (q/k/v) or input channels (o) of ``part`` for query head ``head``."""
         d = self.head_dim
         if part == "o":
@@ -166,7 +171,7 @@ class HeadLayout:
         for part in parts:
             if self.modules[part] == module:
                 for h in heads:
-                    chans.update(self._part_channels(part, h))
+                    chans.update(self.part_channels(part, h))
         return sorted(chans)
 
     def slice_dim(self, module: str) -> str:
