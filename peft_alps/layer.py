@@ -27,6 +27,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 
+def merged_slice(orig: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``orig + delta`` computed in the delta's dtype and rounded to ``orig``'s: the one merge formula."""
+    return (orig.to(delta.dtype) + delta).to(orig.dtype)
+
+
 def apply_slices(weight, bias, slices, params):
     """Return ``(weight, bias)`` with every adapter's slices added (out of place).
 
@@ -35,9 +40,9 @@ def apply_slices(weight, bias, slices, params):
     """
     for (dim, idx), delta, bias_delta in zip(slices, params[0::2], params[1::2]):
         d = 0 if dim == "out" else 1
-        weight = weight.index_copy(d, idx, (weight.index_select(d, idx).to(delta.dtype) + delta).to(weight.dtype))
+        weight = weight.index_copy(d, idx, merged_slice(weight.index_select(d, idx), delta))
         if bias_delta is not None and bias is not None:  # bias=None: weight only (backward recompute)
-            bias = bias.index_copy(0, idx, (bias.index_select(0, idx).to(bias_delta.dtype) + bias_delta).to(bias.dtype))
+            bias = bias.index_copy(0, idx, merged_slice(bias.index_select(0, idx), bias_delta))
     return weight, bias
 
 
@@ -154,24 +159,21 @@ class HeadMaskLayer(BaseTunerLayer):
         for name in adapter_names:
             if name not in self.headmask_delta:
                 continue
-            slices, params = self._slices_and_params([name])
-            (dim, idx), = slices
+            dim, idx = self._slices_and_params([name])[0][0]
             d = 0 if dim == "out" else 1
             weight = self._weight().data
-            bias = base.bias.data if base.bias is not None else None
-            with torch.no_grad():
-                new_w, new_b = apply_slices(weight, bias, slices, tuple(p.detach() if p is not None else None
-                                                                         for p in params))
-            new_w_slice = new_w.index_select(d, idx)
-            new_b_slice = new_b.index_select(0, idx) if params[1] is not None else None
-            if safe_merge and not (torch.isfinite(new_w_slice).all()
-                                   and (new_b_slice is None or torch.isfinite(new_b_slice).all())):
+            orig_w = weight.index_select(d, idx)
+            new_w = merged_slice(orig_w, self.headmask_delta[name].detach())
+            orig_b = new_b = None
+            if name in self.headmask_bias:
+                orig_b = base.bias.data.index_select(0, idx)
+                new_b = merged_slice(orig_b, self.headmask_bias[name].detach())
+            if safe_merge and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
                 raise ValueError(f"NaN or inf in the merged weights of adapter {name!r}; nothing was merged.")
-            orig_b = bias.index_select(0, idx) if new_b_slice is not None else None
-            self._merge_backup.append((dim, idx, weight.index_select(d, idx), orig_b))
-            weight.index_copy_(d, idx, new_w_slice)
-            if new_b_slice is not None:
-                bias.index_copy_(0, idx, new_b_slice)
+            self._merge_backup.append((dim, idx, orig_w, orig_b))
+            weight.index_copy_(d, idx, new_w)
+            if new_b is not None:
+                base.bias.data.index_copy_(0, idx, new_b)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
