@@ -12,10 +12,12 @@ from peft.utils import PeftType, register_peft_method
 from .config import HeadMaskConfig
 from .layer import HeadMaskLayer
 from .layout import ARCHITECTURES, HeadLayout, LayoutError
+from .localize import HeadScores, score_heads
 from .model import HeadMaskModel
-from .selection import random_heads
+from .selection import layer_consistent_heads, random_heads, select_heads
 
-__all__ = ["ARCHITECTURES", "HeadLayout", "HeadMaskConfig", "HeadMaskLayer", "HeadMaskModel", "LayoutError", "random_heads"]
+__all__ = ["ARCHITECTURES", "HeadLayout", "HeadMaskConfig", "HeadMaskLayer", "HeadMaskModel", "HeadScores",
+           "LayoutError", "layer_consistent_heads", "random_heads", "score_heads", "select_heads"]
 __version__ = "0.1.0"
 
 

@@ -1,0 +1,243 @@
+"""ALPS "localize" step: score every attention head by how far a task model moved it.
+
+See ``/work/shared/docs/METHOD.md`` section 1. Conventions:
+
+* Weights are read in the ``nn.Linear`` frame ``[out, in]`` (GPT-2 ``Conv1D``
+  weights, stored ``[in, out]``, are transposed on read). Which rows belong to a
+  head comes only from :class:`~peft_alps.layout.HeadLayout.part_channels`.
+* The paper's head matrices use the ``x @ W`` convention: ``W_q^h`` is
+  ``[d_model, d_head]``, the transpose of the head's ``d_head`` rows of the
+  ``nn.Linear`` weight. Query head ``h`` reads key/value group ``g(h)`` (GQA).
+* ``product`` (paper eq. 5): ``W^h = W_q^h ((W_k^g)^T W_v^g)``, ``[d_model, d_head]``
+  (inner factor ``[d_head, d_head]`` first: cheap), flattened row-major.
+  ``concat`` (the authors' released script): the head's ``nn.Linear`` rows of
+  q, k and v (each ``[d_head, d_model]``) flattened row-major and concatenated,
+  i.e. ``cat(W_q[rows].flatten(), W_k[rows_g].flatten(), W_v[rows_g].flatten())``
+  as the script does, but with k/v rows of the head's kv group. The flatten order
+  matters for the Wasserstein metrics (their support is the position).
+* ``P^h = softmax(vec(W^h) / tau)``; head matrices are computed in float32, the
+  distributions and metrics in float64. Scores are ``float32 [num_layers, num_heads]``.
+
+Both models can be ``nn.Module`` objects or local safetensors checkpoints; from
+a checkpoint only the q/k/v weight tensors of one layer are read at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .fileio import atomic_write
+from .layout import HeadLayout
+
+METRICS = ("pad", "wasserstein", "kl", "js", "cosine", "euclidean")
+REPRESENTATIONS = ("product", "concat")
+
+
+@dataclass
+class HeadScores:
+    """Per-head distances between a base and a task model (higher = moved more)."""
+
+    scores: torch.Tensor  # float32 [num_layers, num_heads] (query heads)
+    metric: str
+    representation: str
+    tau: float
+    layout: dict
+    sources: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.scores = torch.as_tensor(self.scores, dtype=torch.float32)
+        if self.scores.dim() != 2:
+            raise ValueError(f"scores must be [num_layers, num_heads], got shape {tuple(self.scores.shape)}.")
+
+    def save(self, path) -> None:
+        """Write JSON (scores as nested lists plus metadata) atomically."""
+        path = Path(path)
+        data = {"format": "peft_alps.HeadScores", "version": 1, "metric": self.metric,
+                "representation": self.representation, "tau": self.tau, "layout": self.layout,
+                "sources": self.sources, "scores": self.scores.tolist()}
+        with atomic_write(path) as f:
+            json.dump(data, f, indent=1)
+
+    @classmethod
+    def load(cls, path) -> "HeadScores":
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != "peft_alps.HeadScores":
+            raise ValueError(f"{path} is not a peft_alps HeadScores file.")
+        return cls(scores=torch.tensor(data["scores"], dtype=torch.float32), metric=data["metric"],
+                   representation=data["representation"], tau=data["tau"], layout=data["layout"],
+                   sources=data.get("sources", {}))
+
+    def top(self, k: int) -> list[tuple[int, int, float]]:
+        """The ``k`` best heads as ``(layer, head, score)``, best first; ties go to the lower layer, then head."""
+        if torch.isnan(self.scores).any():
+            raise ValueError("HeadScores contain NaN; cannot rank heads.")
+        num_heads = self.scores.shape[1]
+        flat = self.scores.flatten().tolist()
+        order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:k]
+        return [(i // num_heads, i % num_heads, flat[i]) for i in order]
+
+
+# ----- distances -----
+def distance(p: torch.Tensor, q: torch.Tensor, metric: str = "pad", overwrite: bool = False) -> torch.Tensor:
+    """Distance between probability vectors ``p, q`` of shape ``[..., N]``; returns ``[...]``.
+
+    Every metric is exactly 0 for identical inputs. ``overwrite=True`` lets the W1 metrics reuse ``p``'s
+    memory (saves a large allocation per layer when scoring).
+    """
+    n = p.shape[-1]
+    if metric in ("pad", "wasserstein"):  # W1 on a shared 1-D grid = L1 distance of the CDFs x grid step
+        cdf_diff = (p.sub_(q) if overwrite else p - q).cumsum_(-1)
+        w1 = cdf_diff[..., :-1].abs_().sum(-1)  # the last CDF difference is 0
+        return w1 / max(n - 1, 1) if metric == "pad" else w1
+    if metric == "kl":  # KL(P || Q)
+        return (p * (p.log() - q.log())).sum(-1)
+    if metric == "js":  # 0.5 KL(P||M) + 0.5 KL(Q||M), M = (P + Q) / 2, natural log
+        m = (p + q) / 2  # equals p exactly where p == q, so those terms are exactly 0
+        return 0.5 * (torch.xlogy(p, p / m) + torch.xlogy(q, q / m)).sum(-1)
+    if metric == "cosine":  # 1 - cos(P, Q) = |P/|P| - Q/|Q||^2 / 2 (no cancellation near 0)
+        diff = p / p.norm(dim=-1, keepdim=True) - q / q.norm(dim=-1, keepdim=True)
+        return 0.5 * (diff * diff).sum(-1)
+    if metric == "euclidean":
+        return (p - q).norm(dim=-1)
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
+
+
+def _softmax_(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """In-place ``softmax(x / tau)`` over the last dimension."""
+    if tau != 1:
+        x.div_(tau)
+    x.sub_(x.amax(-1, keepdim=True)).exp_()
+    return x.div_(x.sum(-1, keepdim=True))
+
+
+# ----- reading weights -----
+def _find(names, suffix: str, where: str) -> str:
+    """The one name equal to ``suffix`` or ending with ``"." + suffix``."""
+    hits = [n for n in names if n == suffix or n.endswith("." + suffix)]
+    if len(hits) != 1:
+        problem = "no tensor" if not hits else f"{len(hits)} tensors ({hits[:3]})"
+        raise ValueError(f"{where}: {problem} named like '*{suffix}'.")
+    return hits[0]
+
+
+class _ModuleSource:
+    """Weights of an in-memory model. PEFT tuner layers give base weight + active unmerged adapters."""
+
+    def __init__(self, model):
+        self.modules = dict(model.named_modules())
+        self.where = type(model).__name__
+
+    def get(self, name: str) -> torch.Tensor:
+        module = self.modules[_find(self.modules, name.removesuffix(".weight"), self.where)]
+        if not hasattr(module, "get_base_layer"):
+            return module.weight.detach()
+        weight = module.get_base_layer().weight.detach()
+        if module.merged or module.disable_adapters:
+            return weight
+        for adapter in module.active_adapters:
+            if any(adapter in getattr(module, n) for n in module.adapter_layer_names):
+                delta = module.get_delta_weight(adapter).detach()
+                # HeadMask deltas are in the nn.Linear frame; other PEFT layers use the stored frame
+                weight = weight + (delta.t() if getattr(module, "is_conv1d", False) else delta)
+        return weight
+
+
+class _CheckpointSource:
+    """Weights of a local safetensors checkpoint (single file or sharded with an index), read lazily."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        index = path / "model.safetensors.index.json"
+        single = path / "model.safetensors"
+        if index.is_file():
+            self.files = json.loads(index.read_text())["weight_map"]
+        elif single.is_file():
+            with safe_open(single, framework="pt") as f:
+                self.files = {k: single.name for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json.")
+
+    def get(self, name: str) -> torch.Tensor:
+        key = _find(self.files, name, str(self.path))
+        with safe_open(self.path / self.files[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+
+def _open(model):
+    """``(config, tensor source, description)`` of a model object or a checkpoint folder."""
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        path = Path(model)
+        return AutoConfig.from_pretrained(path), lambda: _CheckpointSource(path), str(model)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.config, lambda: _ModuleSource(inner), type(model).__name__
+
+
+# ----- scoring -----
+def _head_vectors(source, layout: HeadLayout, layer: int, representation: str, index, out) -> torch.Tensor:
+    """Write the ``[num_heads, N]`` head representations of one layer (all heads batched) into ``out``."""
+    weights = {}
+    for part in "qkv":
+        module = layout.modules[part]
+        if module not in weights:  # fused q/k/v: read the tensor once
+            w = source.get(f"{layout.layers}.{layer}.{module}.weight")
+            weights[module] = (w.t() if layout.transposed else w).float()  # [out, in]
+    h, d_head = index["q"].shape
+    q, k, v = (weights[layout.modules[p]].index_select(0, index[p].flatten()).view(h, d_head, -1)
+               for p in "qkv")  # [H, d_head, d_model]: each head's rows (k/v: its kv group's)
+    if representation == "product":  # x @ W frame: W_q^h = q[h].T, so W_q ((W_k)^T W_v) = q.T (k v.T)
+        return out.copy_((q.transpose(1, 2) @ (k @ v.transpose(1, 2))).reshape(h, -1))
+    start = 0
+    for rows in (q, k, v):
+        out[:, start:start + rows[0].numel()] = rows.reshape(h, -1)
+        start += rows[0].numel()
+    return out
+
+
+def _layer_scores(src_b, src_t, layout, layer, representation, tau, metric, index, buffers) -> torch.Tensor:
+    """Scores of one layer. ``buffers``: two float64 ``[H, N]`` work tensors reused for every layer
+    (fresh multi-MB allocations page-fault and cost more than the arithmetic)."""
+    p = _softmax_(_head_vectors(src_b, layout, layer, representation, index, buffers[0]), tau)
+    q = _softmax_(_head_vectors(src_t, layout, layer, representation, index, buffers[1]), tau)
+    return distance(p, q, metric, overwrite=True).float()
+
+
+def score_heads(base, task, metric: str = "pad", representation: str = "product", tau: float = 1.0,
+                progress: bool = False) -> HeadScores:
+    """Score each query head by the distance between its weight distributions in ``base`` and ``task``.
+
+    ``base``/``task``: ``nn.Module`` (transformers model or PeftModel) or path to a local safetensors
+    checkpoint folder. Raises ValueError if the two models' attention shapes differ.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}.")
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}.")
+    (cfg_b, open_b, desc_b), (cfg_t, open_t, desc_t) = _open(base), _open(task)
+    layout, layout_t = HeadLayout.from_model_config(cfg_b), HeadLayout.from_model_config(cfg_t)
+    if (layout.model_type, layout.shape_key()) != (layout_t.model_type, layout_t.shape_key()):
+        raise ValueError(f"base and task models differ in shape: base {layout.model_type} {layout.shape_key()} "
+                         f"vs task {layout_t.model_type} {layout_t.shape_key()}.")
+    src_b, src_t = open_b(), open_t()
+    index = {p: torch.tensor([list(layout.part_channels(p, h)) for h in range(layout.num_heads)])
+             for p in "qkv"}  # [H, d_head] rows per head (k/v: the head's kv group)
+    layers = range(layout.num_layers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc="Scoring heads", unit="layer")
+    n = layout.hidden_size * layout.head_dim * (1 if representation == "product" else 3)
+    buffers = [torch.empty(layout.num_heads, n, dtype=torch.float64) for _ in range(2)]
+    scores = torch.stack([_layer_scores(src_b, src_t, layout, i, representation, tau, metric, index, buffers)
+                          for i in layers])
+    return HeadScores(scores=scores, metric=metric, representation=representation, tau=float(tau),
+                      layout=layout.to_dict(), sources={"base": desc_b, "task": desc_t})
