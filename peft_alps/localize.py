@@ -181,32 +181,47 @@ def _open(model):
 
 
 # ----- scoring -----
-def _head_vectors(source, layout: HeadLayout, layer: int, representation: str, index, out) -> torch.Tensor:
-    """Write the ``[num_heads, N]`` head representations of one layer (all heads batched) into ``out``."""
-    weights = {}
-    for part in "qkv":
-        module = layout.modules[part]
-        if module not in weights:  # fused q/k/v: read the tensor once
-            w = source.get(f"{layout.layers}.{layer}.{module}.weight")
-            weights[module] = (w.t() if layout.transposed else w).float()  # [out, in]
-    h, d_head = index["q"].shape
-    q, k, v = (weights[layout.modules[p]].index_select(0, index[p].flatten()).view(h, d_head, -1)
-               for p in "qkv")  # [H, d_head, d_model]: each head's rows (k/v: its kv group's)
-    if representation == "product":  # x @ W frame: W_q^h = q[h].T, so W_q ((W_k)^T W_v) = q.T (k v.T)
-        return out.copy_((q.transpose(1, 2) @ (k @ v.transpose(1, 2))).reshape(h, -1))
-    start = 0
-    for rows in (q, k, v):
-        out[:, start:start + rows[0].numel()] = rows.reshape(h, -1)
-        start += rows[0].numel()
-    return out
+class _LayerScorer:
+    """Scores the heads of one layer at a time, all heads batched (no loop over heads).
 
+    Work tensors are allocated once and reused for every layer: fresh multi-MB allocations page-fault,
+    which costs more than the arithmetic here.
+    """
 
-def _layer_scores(src_b, src_t, layout, layer, representation, tau, metric, index, buffers) -> torch.Tensor:
-    """Scores of one layer. ``buffers``: two float64 ``[H, N]`` work tensors reused for every layer
-    (fresh multi-MB allocations page-fault and cost more than the arithmetic)."""
-    p = _softmax_(_head_vectors(src_b, layout, layer, representation, index, buffers[0]), tau)
-    q = _softmax_(_head_vectors(src_t, layout, layer, representation, index, buffers[1]), tau)
-    return distance(p, q, metric, overwrite=True).float()
+    def __init__(self, layout: HeadLayout, representation: str, metric: str, tau: float):
+        self.layout, self.representation, self.metric, self.tau = layout, representation, metric, tau
+        h, d, d_model = layout.num_heads, layout.head_dim, layout.hidden_size
+        # nn.Linear rows of each query head, [H * d_head] per part (k/v: the head's kv group's rows)
+        self.index = {p: torch.tensor([c for i in range(h) for c in layout.part_channels(p, i)]) for p in "qkv"}
+        self.rows = {p: torch.empty(h * d, d_model) for p in "qkv"}  # float32 [H * d_head, d_model]
+        self.product = torch.empty(h, d_model, d) if representation == "product" else None
+        n = d_model * d * (1 if representation == "product" else 3)
+        self.dists = [torch.empty(h, n, dtype=torch.float64) for _ in range(2)]  # P_base, P_task [H, N]
+
+    def head_vectors(self, source, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """Write the float64 ``[H, N]`` head representations of ``layer`` into ``out``."""
+        layout, weights = self.layout, {}
+        for part in "qkv":
+            module = layout.modules[part]
+            if module not in weights:  # fused q/k/v: read the tensor once
+                w = source.get(f"{layout.layers}.{layer}.{module}.weight")
+                weights[module] = (w.t() if layout.transposed else w).float()  # [out, in]
+        h = layout.num_heads
+        q, k, v = (torch.index_select(weights[layout.modules[p]], 0, self.index[p], out=self.rows[p]).view(h, -1,
+                   layout.hidden_size) for p in "qkv")  # [H, d_head, d_model]
+        if self.product is not None:  # x @ W frame: W_q^h = q[h].T, so W_q ((W_k)^T W_v) = q.T (k v.T)
+            return out.copy_(torch.matmul(q.transpose(1, 2), k @ v.transpose(1, 2), out=self.product).view(h, -1))
+        start = 0
+        for rows in (q, k, v):
+            out[:, start:start + rows[0].numel()] = rows.reshape(h, -1)
+            start += rows[0].numel()
+        return out
+
+    def __call__(self, src_base, src_task, layer: int) -> torch.Tensor:
+        """float32 ``[H]`` scores of ``layer``."""
+        p = _softmax_(self.head_vectors(src_base, layer, self.dists[0]), self.tau)
+        q = _softmax_(self.head_vectors(src_task, layer, self.dists[1]), self.tau)
+        return distance(p, q, self.metric, overwrite=True).float()
 
 
 def score_heads(base, task, metric: str = "pad", representation: str = "product", tau: float = 1.0,
@@ -228,16 +243,12 @@ def score_heads(base, task, metric: str = "pad", representation: str = "product"
         raise ValueError(f"base and task models differ in shape: base {layout.model_type} {layout.shape_key()} "
                          f"vs task {layout_t.model_type} {layout_t.shape_key()}.")
     src_b, src_t = open_b(), open_t()
-    index = {p: torch.tensor([list(layout.part_channels(p, h)) for h in range(layout.num_heads)])
-             for p in "qkv"}  # [H, d_head] rows per head (k/v: the head's kv group)
+    score_layer = _LayerScorer(layout, representation, metric, tau)
     layers = range(layout.num_layers)
     if progress:
         from tqdm.auto import tqdm
 
         layers = tqdm(layers, desc="Scoring heads", unit="layer")
-    n = layout.hidden_size * layout.head_dim * (1 if representation == "product" else 3)
-    buffers = [torch.empty(layout.num_heads, n, dtype=torch.float64) for _ in range(2)]
-    scores = torch.stack([_layer_scores(src_b, src_t, layout, i, representation, tau, metric, index, buffers)
-                          for i in layers])
+    scores = torch.stack([score_layer(src_b, src_t, i) for i in layers])
     return HeadScores(scores=scores, metric=metric, representation=representation, tau=float(tau),
                       layout=layout.to_dict(), sources={"base": desc_b, "task": desc_t})
