@@ -212,6 +212,14 @@ def test_single_file_checkpoint_and_progress(tmp_path, capsys):
     assert "Scoring heads" in capsys.readouterr().err
 
 
+def test_half_precision_weights_are_scored_in_float32():
+    base, task = make_model("qwen2", 0), make_model("qwen2", 1)
+    for dtype in (torch.bfloat16, torch.float16):
+        half_b, half_t = copy.deepcopy(base).to(dtype), copy.deepcopy(task).to(dtype)
+        want = score_heads(copy.deepcopy(half_b).float(), copy.deepcopy(half_t).float()).scores
+        assert torch.equal(score_heads(half_b, half_t).scores, want)
+
+
 def test_peft_model_task_uses_adapter_weights():
     base = make_model("llama")
     peft = get_peft_model(copy.deepcopy(base), HeadMaskConfig(heads={LAYER: [HEAD]}, init_weights=False))
