@@ -44,7 +44,9 @@ def plot_heatmap(scores, heads: dict[int, list[int]] | None, path, title: str | 
     ax.set_ylabel("layer")
     if title is None:
         n_sel = sum(len(hs) for hs in (heads or {}).values())
-        title = f"head scores: {scores.metric}, {scores.representation}, tau={scores.tau:g}"
+        title = f"head scores: {scores.metric}, {scores.representation}"
+        if scores.tau is not None:
+            title += f", tau={scores.tau:g}"
         if heads:
             title += f" (red: {n_sel} of {data.size} selected)"
     ax.set_title(title, fontsize=10)

@@ -28,6 +28,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -41,12 +42,18 @@ REPRESENTATIONS = ("product", "concat")
 
 @dataclass
 class HeadScores:
-    """Per-head distances between a base and a task model (higher = moved more)."""
+    """Per-head scores, higher = more task-relevant: weight distances between a base and a task model
+    (:func:`score_heads`), or gradient importance (:func:`peft_alps.gradient_scores.gradient_head_scores`).
+
+    ``metric``/``representation``/``tau`` record how the scores were made (``representation="gradient"``
+    and ``tau=None`` for gradient scores); ``layout`` is the model's ``HeadLayout.to_dict()``; ``sources``
+    describes the inputs.
+    """
 
     scores: torch.Tensor  # float32 [num_layers, num_heads] (query heads)
     metric: str
     representation: str
-    tau: float
+    tau: Optional[float]
     layout: dict
     sources: dict = field(default_factory=dict)
 
