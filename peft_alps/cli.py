@@ -1,6 +1,7 @@
 """The ``peft-alps`` command line (also ``python -m peft_alps``).
 
     peft-alps localize BASE TASK --ratio 0.1 --out heads/
+    peft-alps localize BASE --data train.jsonl --ratio 0.1 --out heads/
 
 Subcommands are registered in ``build_parser``; each is a function
 ``(args) -> exit code``. Errors print one line ``peft-alps: error: ...`` to
@@ -21,6 +22,7 @@ from pathlib import Path
 from .fileio import umask
 from .heatmap import plot_heatmap
 from .localize import METRICS, REPRESENTATIONS, HeadScores, score_heads
+from .probe import probe_task_model
 from .selection import select_heads
 
 PROG = "peft-alps"
@@ -44,13 +46,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="score every attention head by how far a task model moved it from the base; select the top ones",
         description="Score every attention head by the distance between its weights in BASE and TASK "
         "(ALPS, Chen et al. 2025), select the top RATIO of heads, and write scores.json, heads.json "
-        "and heatmap.png into --out. heads.json's \"heads\" is usable as HeadMaskConfig(heads=...).",
-        epilog="example: peft-alps localize ./base ./task --ratio 0.1 --out heads/  then in Python: "
+        "and heatmap.png into --out. heads.json's \"heads\" is usable as HeadMaskConfig(heads=...). "
+        "Without a task model, pass --data: the default --scorer probe fine-tunes BASE's attention briefly "
+        "on the data and scores against that (the paper's probe, Appendix C); --scorer gradient scores "
+        "heads by accumulated gradients on the data instead (cheaper: no optimizer steps, but not the "
+        "paper's method).",
+        epilog="examples: peft-alps localize ./base ./task --ratio 0.1 --out heads/ ; "
+        "peft-alps localize ./base --data train.jsonl --out heads/ ; then in Python: "
         "HeadMaskConfig(heads=json.load(open('heads/heads.json'))['heads'])",
     )
-    p.add_argument("base", metavar="BASE", help="base model: a local checkpoint folder (config.json + safetensors)")
-    p.add_argument("task", metavar="TASK", help="task model of the same architecture and shapes (local folder): "
-                   "a fine-tune, a domain variant, or a short probe fine-tune of BASE")
+    p.add_argument("base", metavar="BASE", help="base model: a local checkpoint folder (config.json + safetensors; "
+                   "with --data also a tokenizer, and a causal LM)")
+    p.add_argument("task", metavar="TASK", nargs="?", help="task model of the same architecture and shapes (local "
+                   "folder): a fine-tune, a domain variant, or a probe fine-tune of BASE; omit it with --data")
+    d = p.add_argument_group("without a task model (--data)")
+    d.add_argument("--data", metavar="FILE", help="task examples: .jsonl (fields text, question+answer, "
+                   "prompt+completion, instruction+output, ...) or a text file with one example per line")
+    d.add_argument("--scorer", choices=("probe", "gradient"), default="probe",
+                   help="probe: fine-tune BASE's attention for --steps and score with --metric (default); "
+                   "gradient: sum of |g| (or --kind) over each head's q/k/v weights on the data")
+    d.add_argument("--examples", type=int, default=256, metavar="N",
+                   help="use the first N examples of --data (default: %(default)s)")
+    d.add_argument("--steps", type=int, default=50, help="probe optimizer steps (default: %(default)s)")
+    d.add_argument("--lr", type=float, default=1e-4, help="probe AdamW learning rate (default: %(default)s)")
+    d.add_argument("--batch-size", type=int, default=4, help="examples per batch (default: %(default)s)")
+    d.add_argument("--max-length", type=int, default=256, help="tokens per example (default: %(default)s)")
+    d.add_argument("--kind", choices=("grad", "grad_x_weight", "fisher"), default="grad",
+                   help="gradient scorer: sum |g|, sum |g * w| or sum g^2 (default: %(default)s)")
     p.add_argument("--ratio", type=float, default=0.1,
                    help="fraction of heads to select, in (0, 1]; K = ceil(ratio * heads) (default: %(default)s)")
     p.add_argument("--metric", choices=METRICS, default="pad",
@@ -99,8 +121,15 @@ def localize(args) -> int:
         raise CLIError(f"--tau must be > 0, got {args.tau:g}")
     if args.top < 0:
         raise CLIError(f"--top must be >= 0, got {args.top}")
-    for name, p in (("BASE", args.base), ("TASK", args.task)):
-        if not Path(p).exists():
+    if (args.task is None) == (args.data is None):
+        raise CLIError("give either TASK (a task model folder) or --data FILE (task examples), not "
+                       + ("both" if args.task else "neither"))
+    for name, value in (("--examples", args.examples), ("--steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--max-length", args.max_length)):
+        if value < 1:
+            raise CLIError(f"{name} must be >= 1, got {value}")
+    for name, p in (("BASE", args.base), ("TASK", args.task), ("--data", args.data)):
+        if p is not None and not Path(p).exists():
             raise CLIError(f"{name} path does not exist: {p}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -113,19 +142,56 @@ def localize(args) -> int:
               "(pip install peft-alps[plot])", file=sys.stderr)
         heatmap = False
 
+    against = args.task or f"--data {args.data}"
     try:
-        scores = score_heads(args.base, args.task, metric=args.metric, representation=args.representation,
-                             tau=args.tau, progress=sys.stderr.isatty())
+        scores = _score(args)
         heads = select_heads(scores, ratio=args.ratio, per_layer=args.per_layer)
-    except (ValueError, OSError) as e:  # mismatched/unsupported architectures, unreadable checkpoints, NaN
-        raise CLIError(f"cannot score {args.base} against {args.task}: {e}") from None
+    except (ValueError, OSError, TypeError) as e:  # mismatched/unsupported models, unreadable files, NaN
+        raise CLIError(f"cannot score {args.base} against {against}: {e}") from None
     n_sel, n_total = sum(map(len, heads.values())), scores.scores.numel()
     written = _write_outputs(out, scores, heads, args, heatmap)
 
     _print_top(scores, heads, args.top)
-    print(f"Selected {n_sel} of {n_total} heads ({args.metric}, {args.representation}, ratio {args.ratio:g}"
+    how = f"{scores.metric}, {scores.representation}"
+    print(f"Selected {n_sel} of {n_total} heads ({how}, ratio {args.ratio:g}"
           f"{', per layer' if args.per_layer else ''}); wrote {', '.join(written)} to {out}")
     return 0
+
+
+def _score(args) -> HeadScores:
+    """Scores of BASE against TASK, or against a probe / gradients on --data."""
+    progress = sys.stderr.isatty()
+    if args.task is not None:
+        return score_heads(args.base, args.task, metric=args.metric, representation=args.representation,
+                           tau=args.tau, progress=progress)
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import read_texts, text_batches
+
+    texts = read_texts(args.data, limit=args.examples)
+    transformers.logging.set_verbosity_error()  # our own one-line errors and summary only
+    transformers.logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    model, info = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32, attn_implementation="eager",
+                                                       output_loading_info=True)
+    if info["missing_keys"]:  # e.g. an encoder (BERT) loaded with a new, random LM head
+        raise ValueError(f"--data needs a causal language model, but BASE has no weights for "
+                         f"{sorted(info['missing_keys'])[:3]}; score against a TASK model instead")
+    batches = text_batches(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)
+    made = {"data": str(args.data), "examples": len(texts), "scorer": args.scorer}
+    if args.scorer == "gradient":
+        from .gradient_scores import gradient_head_scores
+
+        scores = gradient_head_scores(model, batches, kind=args.kind, progress=progress)
+    else:
+        probe = probe_task_model(model, batches, steps=args.steps, lr=args.lr, progress=progress)
+        scores = score_heads(args.base, probe, metric=args.metric, representation=args.representation,
+                             tau=args.tau, progress=progress)
+        made.update(steps=args.steps, lr=args.lr, probe_loss_first=probe.losses[0], probe_loss_last=probe.losses[-1])
+    scores.sources.update(made)
+    return scores
 
 
 def _have_matplotlib() -> bool:

@@ -35,6 +35,7 @@ from safetensors import safe_open
 
 from .fileio import atomic_write
 from .layout import HeadLayout
+from .probe import ProbeWeights
 
 METRICS = ("pad", "wasserstein", "kl", "js", "cosine", "euclidean")
 REPRESENTATIONS = ("product", "concat")
@@ -176,8 +177,20 @@ class _CheckpointSource:
             return f.get_tensor(key)
 
 
+class _DictSource:
+    """Weights held in a ``{name: tensor}`` dict (a :class:`~peft_alps.probe.ProbeWeights`)."""
+
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[_find(self.tensors, name, "probe weights")]
+
+
 def _open(model):
-    """``(config, tensor source, description)`` of a model object or a checkpoint folder."""
+    """``(config, tensor source, description)`` of a model object, probe weights or a checkpoint folder."""
+    if isinstance(model, ProbeWeights):
+        return model.config, lambda: _DictSource(model.tensors), f"probe fine-tune ({len(model.losses)} steps)"
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoConfig
 
@@ -235,8 +248,9 @@ def score_heads(base, task, metric: str = "pad", representation: str = "product"
                 progress: bool = False) -> HeadScores:
     """Score each query head by the distance between its weight distributions in ``base`` and ``task``.
 
-    ``base``/``task``: ``nn.Module`` (transformers model or PeftModel) or path to a local safetensors
-    checkpoint folder. Raises ValueError if the two models' attention shapes differ.
+    ``base``/``task``: ``nn.Module`` (transformers model or PeftModel), path to a local safetensors
+    checkpoint folder, or :class:`~peft_alps.probe.ProbeWeights` (a probe fine-tune, as ``task``).
+    Raises ValueError if the two models' attention shapes differ.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")

@@ -33,7 +33,20 @@ def ckpts(tmp_path_factory):
     models = {"base": base, "task": task, "gpt2": make_model("gpt2"), "llama8": tf.LlamaForCausalLM(config)}
     for name, model in models.items():
         model.save_pretrained(root / name)
-    return {name: str(root / name) for name in models}
+    char_tokenizer().save_pretrained(root / "base")
+    lines = [json.dumps({"question": f"What is {i} plus {i + 1}?", "answer": str(2 * i + 1)}) for i in range(12)]
+    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return {**{name: str(root / name) for name in models}, "data": str(root / "data.jsonl")}
+
+
+def char_tokenizer():
+    """A character-level tokenizer built offline (ids 2..96 < the tiny models' vocab of 128)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{chr(c): c - 30 for c in range(32, 127)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<pad>")
 
 
 def run(capsys, *argv):
@@ -85,11 +98,48 @@ def test_per_layer_overwrite_and_no_heatmap(ckpts, tmp_path, capsys, monkeypatch
     assert not (tmp_path / "nompl" / "heatmap.png").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "ratio0", "ratio1.5", "arch", "shape", "nonempty"])
+def test_localize_from_data_with_a_probe_equals_the_python_api(ckpts, tmp_path, capsys):
+    from peft_alps import score_heads
+    from peft_alps.data import read_texts, text_batches
+    from peft_alps.probe import probe_task_model
+
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "localize", ckpts["base"], "--data", ckpts["data"], "--steps", "3",
+                            "--lr", "1e-2", "--examples", "8", "--batch-size", "4", "--ratio", "0.25", "--out", out)
+    assert code == 0, err
+    got = HeadScores.load(out / "scores.json")
+    assert got.sources["scorer"] == "probe" and got.sources["examples"] == 8 and got.sources["steps"] == 3
+
+    model = tf.AutoModelForCausalLM.from_pretrained(ckpts["base"], attn_implementation="eager")
+    batches = text_batches(tf.AutoTokenizer.from_pretrained(ckpts["base"]), read_texts(ckpts["data"], 8), 4, 256)
+    want = score_heads(ckpts["base"], probe_task_model(model, batches, steps=3, lr=1e-2))
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=0)
+    assert (got.scores > 0).all()
+    assert json.loads((out / "heads.json").read_text())["num_selected"] == 3
+
+
+@pytest.mark.parametrize("case", ["missing", "ratio0", "ratio1.5", "arch", "shape", "nonempty", "both", "neither",
+                                  "nodata", "baddata", "steps0", "encoder"])
 def test_errors_write_nothing(case, ckpts, tmp_path, capsys):
     out = tmp_path / "run"
     base, task, extra, match = ckpts["base"], ckpts["task"], [], None
-    if case == "missing":
+    if case == "both":
+        extra, match = ["--data", ckpts["data"]], "not both"
+    elif case == "neither":
+        task, match = None, "not neither"
+    elif case == "nodata":
+        task, extra, match = None, ["--data", tmp_path / "nope.jsonl"], "--data path does not exist"
+    elif case == "baddata":
+        (tmp_path / "bad.jsonl").write_text('{"body": 1}\n')
+        task, extra, match = None, ["--data", tmp_path / "bad.jsonl"], "line 1 has keys ['body']"
+    elif case == "steps0":
+        task, extra, match = None, ["--data", ckpts["data"], "--steps", "0"], "--steps must be >= 1"
+    elif case == "encoder":
+        bert = tmp_path / "bert"
+        make_model("bert").save_pretrained(bert)
+        char_tokenizer().save_pretrained(bert)
+        base, task, extra, match = bert, None, ["--data", ckpts["data"]], "cannot score"
+    elif case == "missing":
         task, match = str(tmp_path / "nope"), str(tmp_path / "nope")
     elif case.startswith("ratio"):
         extra, match = ["--ratio", case[5:]], "--ratio must be in (0, 1]"
@@ -102,7 +152,8 @@ def test_errors_write_nothing(case, ckpts, tmp_path, capsys):
         (out / "keep.txt").write_text("mine")
         match = "not empty"
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    code, stdout, err = run(capsys, "localize", base, task, "--out", out, *extra)
+    capsys.readouterr()  # drop the set-up's output
+    code, stdout, err = run(capsys, "localize", base, *([task] if task else []), "--out", out, *extra)
     assert code != 0 and stdout == ""
     assert err.startswith("peft-alps: error:") and err.count("\n") == 1 and match in err, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before

@@ -1,0 +1,121 @@
+"""Probe fine-tunes: a short, cheap fine-tune that stands in for a task model.
+
+ALPS scores heads by how far a task model moved them (``score_heads``). Without a task model, the paper
+(Appendix C, Table 10) fine-tunes the base briefly, e.g. on ~10% of the data or on the attention parameters
+only, and scores against that: the head choices and final results were comparable.
+
+:func:`probe_task_model` trains the model in place, keeps a copy of the trained q/k/v weights (all
+:func:`score_heads` reads), and restores the model's original weights, so only the attention tensors
+exist twice, never two whole models (with ``attention_only=False`` every parameter is backed up).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .fileio import atomic_write
+from .layout import HeadLayout
+
+
+@dataclass
+class ProbeWeights:
+    """The q/k/v weights of a probe fine-tune, named as in the model (``"model.layers.0.self_attn.q_proj.weight"``)
+    and stored as in the module (GPT-2 ``Conv1D``: ``[in, out]``), plus the model's config.
+
+    Pass it as ``task`` to :func:`~peft_alps.localize.score_heads`, or ``save(folder)`` it: the folder
+    (``config.json`` + ``model.safetensors`` with these tensors only) is a checkpoint ``score_heads`` and
+    ``peft-alps localize`` read like any other.
+    """
+
+    config: object  # transformers PretrainedConfig
+    tensors: dict[str, torch.Tensor]
+    losses: list[float] = field(default_factory=list)  # training loss per step
+    seconds: float = 0.0
+
+    def save(self, folder) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``folder``."""
+        from safetensors.torch import save
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        blob = save({k: v.contiguous() for k, v in self.tensors.items()}, metadata={"format": "pt"})
+        with atomic_write(folder / "model.safetensors", "wb") as f:
+            f.write(blob)
+        with atomic_write(folder / "config.json") as f:
+            f.write(self.config.to_json_string())
+        return folder
+
+
+def _attention_parameters(model, layout: HeadLayout, parts: str) -> dict[str, torch.nn.Parameter]:
+    """``{name: parameter}`` of the weights (and biases) of the ``parts`` projections in every layer."""
+    wanted = {f"{layout.layers}.{layer}.{layout.modules[p]}.{kind}" for layer in range(layout.num_layers)
+              for p in parts for kind in ("weight", "bias")}
+    return {name: p for name, p in model.named_parameters()
+            if name in wanted or any(name.endswith("." + w) for w in wanted)}
+
+
+def probe_task_model(model, data, steps: int = 50, lr: float = 1e-4, attention_only: bool = True,
+                     weight_decay: float = 0.0, loss_fn=None, progress: bool = False) -> ProbeWeights:
+    """Fine-tune ``model`` for ``steps`` AdamW steps on ``data``; return its trained q/k/v weights and put
+    the model back as it was (weights, ``requires_grad`` flags, train/eval mode), also on error.
+
+    ``model``: a transformers model of an architecture :class:`~peft_alps.layout.HeadLayout` supports.
+    ``data``: a non-empty list of batches (dicts for ``model(**batch)``; see
+    :func:`peft_alps.data.text_batches`), cycled in order. ``loss_fn(model, batch) -> scalar`` replaces
+    ``model(**batch).loss``. ``attention_only=True`` trains the q/k/v/o projections only (the paper's
+    cheap probe); ``False`` trains every parameter.
+    """
+    if hasattr(model, "get_base_model"):
+        raise TypeError("probe_task_model needs the plain transformers model, not a PeftModel: pass "
+                        "peft_model.get_base_model() with no adapter active, or the base model itself.")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    data = list(data)
+    if not data:
+        raise ValueError("data is empty: pass a list of batches (peft_alps.data.text_batches makes them).")
+    layout = HeadLayout.from_model_config(model.config)
+    scored = _attention_parameters(model, layout, "qkv")
+    trained = _attention_parameters(model, layout, "qkvo") if attention_only else dict(model.named_parameters())
+    if not scored:
+        raise ValueError(f"found no q/k/v weights named '*{layout.layers}.N.<module>.weight' in the model.")
+
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    backup = {name: (p.detach().clone(), p.grad) for name, p in trained.items()}
+    losses = []
+    start = time.perf_counter()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in trained.values():
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(list(trained.values()), lr=lr, weight_decay=weight_decay)
+        model.train()
+        batches = itertools.islice(itertools.cycle(data), steps)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=steps, desc="Probe fine-tune", unit="step")
+        for batch in batches:
+            loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+            if loss is None:
+                raise ValueError("the model returned no loss: pass batches with labels, or a loss_fn.")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        result = {name: p.detach().clone() for name, p in scored.items() if name.endswith(".weight")}
+    finally:
+        with torch.no_grad():
+            for name, p in trained.items():
+                p.copy_(backup[name][0])
+                p.grad = backup[name][1]
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+        model.train(was_training)
+    return ProbeWeights(config=model.config, tensors=result, losses=losses, seconds=time.perf_counter() - start)
