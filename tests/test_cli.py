@@ -118,6 +118,21 @@ def test_localize_from_data_with_a_probe_equals_the_python_api(ckpts, tmp_path, 
     assert json.loads((out / "heads.json").read_text())["num_selected"] == 3
 
 
+def test_localize_from_data_with_gradients_equals_the_python_api(ckpts, tmp_path, capsys):
+    from peft_alps import gradient_head_scores
+    from peft_alps.data import read_texts, text_batches
+
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "localize", ckpts["base"], "--data", ckpts["data"], "--scorer", "gradient",
+                       "--kind", "fisher", "--examples", "6", "--batch-size", "3", "--out", out, "--no-heatmap")
+    assert code == 0, err
+    got = HeadScores.load(out / "scores.json")
+    assert (got.metric, got.representation, got.tau) == ("fisher", "gradient", None)
+    model = tf.AutoModelForCausalLM.from_pretrained(ckpts["base"], attn_implementation="eager")
+    batches = text_batches(tf.AutoTokenizer.from_pretrained(ckpts["base"]), read_texts(ckpts["data"], 6), 3, 256)
+    torch.testing.assert_close(got.scores, gradient_head_scores(model, batches, kind="fisher").scores)
+
+
 @pytest.mark.parametrize("case", ["missing", "ratio0", "ratio1.5", "arch", "shape", "nonempty", "both", "neither",
                                   "nodata", "baddata", "steps0", "encoder"])
 def test_errors_write_nothing(case, ckpts, tmp_path, capsys):
