@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from .layout import PARTS
+from .layout import check_parts
 
 FORWARD_STRATEGIES = ("merged", "output_add")
 
@@ -56,6 +57,14 @@ class HeadMaskConfig(PeftConfig):
             "into the selected channels (no weight copy)."
         },
     )
+    grad_mask_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "GMT (gradient-mask tuning): before each optimizer step, zero the floor(ratio * numel) "
+            "smallest-|gradient| entries of every head-slice tensor (per tensor, on the accumulated gradient). "
+            "In [0, 1); 0 (default) trains every entry of the slices. See peft_alps.gmt."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={"help": "True: deltas start at zero (the model is unchanged at init). False: small random "
@@ -78,26 +87,24 @@ class HeadMaskConfig(PeftConfig):
 
         self.peft_type = PeftType.HEADMASK
         self.heads = _normalise_heads(self.heads)
-        _check_parts(self.parts)
-        self.parts = [p for p in PARTS if p in self.parts]
+        self.parts = check_parts(self.parts)
         if self.forward_strategy not in FORWARD_STRATEGIES:
             raise ValueError(
                 f"forward_strategy must be one of {FORWARD_STRATEGIES}, got {self.forward_strategy!r}."
             )
+        self.grad_mask_ratio = _check_ratio(self.grad_mask_ratio)
 
     @property
     def num_selected_heads(self) -> int:
         return sum(len(v) for v in self.heads.values())
 
 
-def _check_parts(parts) -> None:
-    if isinstance(parts, str):
-        raise ValueError(f"parts must be a list such as ['q', 'k', 'v'], got the string {parts!r}.")
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        raise ValueError(f"Unknown part(s) {unknown}: parts must be a non-empty subset of {list(PARTS)}.")
-    if not parts:
-        raise ValueError(f"parts is empty: choose a non-empty subset of {list(PARTS)}.")
+def _check_ratio(ratio) -> float:
+    ok = isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and 0 <= ratio < 1
+    if not ok:
+        raise ValueError(f"grad_mask_ratio must be a number in [0, 1) (fraction of gradient entries zeroed per "
+                         f"step; 0 disables gradient masking), got {ratio!r}.")
+    return float(ratio)
 
 
 def _normalise_heads(heads) -> dict[int, list[int]]:

@@ -27,22 +27,10 @@ from collections.abc import Mapping
 
 import torch
 
-from .layout import PARTS, HeadLayout
+from .layout import HeadLayout, check_parts
 from .localize import HeadScores, _find
 
 KINDS = ("grad", "grad_x_weight", "fisher")
-
-
-def _check_parts(parts) -> list[str]:
-    if isinstance(parts, str):
-        raise ValueError(f"parts must be a list such as ['q', 'k', 'v'], got the string {parts!r}.")
-    parts = list(parts)
-    unknown = sorted({str(p) for p in parts} - set(PARTS))
-    if unknown:
-        raise ValueError(f"Unknown part(s) {unknown}: parts must be a non-empty subset of {list(PARTS)}.")
-    if not parts:
-        raise ValueError(f"parts is empty: choose a non-empty subset of {list(PARTS)}.")
-    return [p for p in PARTS if p in parts]
 
 
 def _find_module(modules: dict, suffix: str, where: str):
@@ -123,7 +111,7 @@ def gradient_head_scores(model, batches, kind: str = "grad", parts=("q", "k", "v
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
-    parts = _check_parts(parts)
+    parts = check_parts(parts)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable(model, batch) -> scalar, got {type(loss_fn).__name__}.")
     batches = list(batches)

@@ -8,7 +8,9 @@ Per adapter the layer holds
 * ``headmask_index[a]``: LongTensor of the selected channels,
 * ``headmask_dim[a]``: ``"out"`` (rows: q/k/v channels) or ``"in"`` (columns: o),
 * ``headmask_delta[a]``: trainable ``[n, in]`` (rows) or ``[out, n]`` (columns),
-* ``headmask_bias[a]``: trainable ``[n]`` bias slice (rows of a biased projection only).
+* ``headmask_bias[a]``: trainable ``[n]`` bias slice (rows of a biased projection only),
+* ``headmask_grad_mask_ratio[a]``: GMT ratio; if > 0 the layer is tracked by :mod:`peft_alps.gmt`, which
+  masks the small gradients of ``a``'s delta and bias slice before each optimizer step.
 
 The effective weight is ``W`` with the selected slices replaced by
 ``(W_slice.to(delta.dtype) + delta).to(W.dtype)``; forward, merge and export
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from . import gmt
 
 
 def merged_slice(orig: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -84,7 +88,7 @@ class HeadMaskLayer(BaseTunerLayer):
     """Mixin holding the per-adapter head slices of one projection (see module docstring)."""
 
     adapter_layer_names = ("headmask_delta", "headmask_bias")
-    other_param_names = ("headmask_index", "headmask_dim", "headmask_strategy")
+    other_param_names = ("headmask_index", "headmask_dim", "headmask_strategy", "headmask_grad_mask_ratio")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -93,6 +97,7 @@ class HeadMaskLayer(BaseTunerLayer):
         self.headmask_index: dict[str, torch.Tensor] = {}
         self.headmask_dim: dict[str, str] = {}
         self.headmask_strategy: dict[str, str] = {}
+        self.headmask_grad_mask_ratio: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         # stack of (adapter, dim, index, original weight slice, original bias slice) for bit-exact unmerge
@@ -108,7 +113,7 @@ class HeadMaskLayer(BaseTunerLayer):
             raise TypeError(f"HeadMask can wrap nn.Linear or transformers Conv1D modules, got {type(base).__name__}.")
 
     def update_layer(self, adapter_name, channels, dim, init_weights=True, forward_strategy="merged",
-                     inference_mode=False) -> None:
+                     grad_mask_ratio=0.0, inference_mode=False) -> None:
         """Add adapter ``adapter_name`` training ``channels`` along ``dim`` (``"out"`` rows / ``"in"`` columns)."""
         limit = self.out_features if dim == "out" else self.in_features
         if not channels or max(channels) >= limit or min(channels) < 0:
@@ -123,6 +128,9 @@ class HeadMaskLayer(BaseTunerLayer):
         self.headmask_index[adapter_name] = torch.tensor(channels, dtype=torch.long)
         self.headmask_dim[adapter_name] = dim
         self.headmask_strategy[adapter_name] = forward_strategy
+        self.headmask_grad_mask_ratio[adapter_name] = grad_mask_ratio
+        if grad_mask_ratio > 0:
+            gmt.track(self)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -191,11 +199,18 @@ class Linear(nn.Module, HeadMaskLayer):
     """Head-mask wrapper around an ``nn.Linear`` or GPT-2 ``Conv1D`` projection."""
 
     def __init__(self, base_layer, adapter_name, channels, dim, init_weights=True, forward_strategy="merged",
-                 inference_mode=False, **kwargs) -> None:
+                 grad_mask_ratio=0.0, inference_mode=False, **kwargs) -> None:
         super().__init__()
         HeadMaskLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, channels, dim, init_weights, forward_strategy, inference_mode)
+        self.update_layer(adapter_name, channels, dim, init_weights, forward_strategy, grad_mask_ratio,
+                          inference_mode)
+
+    def __setstate__(self, state) -> None:
+        """Deep copies and unpickled layers are tracked for GMT like the original."""
+        super().__setstate__(state)
+        if any(r > 0 for r in getattr(self, "headmask_grad_mask_ratio", {}).values()):
+            gmt.track(self)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:

@@ -26,6 +26,19 @@ from dataclasses import asdict, dataclass, field
 PARTS = ("q", "k", "v", "o")
 
 
+def check_parts(parts) -> list[str]:
+    """``parts`` validated and in ``PARTS`` order; ValueError naming the problem otherwise."""
+    if isinstance(parts, str):
+        raise ValueError(f"parts must be a list such as ['q', 'k', 'v'], got the string {parts!r}.")
+    parts = list(parts)
+    unknown = sorted({str(p) for p in parts} - set(PARTS))
+    if unknown:
+        raise ValueError(f"Unknown part(s) {unknown}: parts must be a non-empty subset of {list(PARTS)}.")
+    if not parts:
+        raise ValueError(f"parts is empty: choose a non-empty subset of {list(PARTS)}.")
+    return [p for p in PARTS if p in parts]
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """Where an architecture keeps its attention projections.

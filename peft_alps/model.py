@@ -107,7 +107,7 @@ class HeadMaskModel(BaseTuner):
             raise ValueError(f"The adapter weights name {current_key!r}, which its config's heads do not select.")
         channels, dim = self._headmask_plan[current_key]
         args = dict(init_weights=peft_config.init_weights, forward_strategy=peft_config.forward_strategy,
-                    inference_mode=peft_config.inference_mode)
+                    grad_mask_ratio=peft_config.grad_mask_ratio, inference_mode=peft_config.inference_mode)
         if isinstance(target, HeadMaskLayer):
             target.update_layer(adapter_name, channels, dim, **args)
         else:

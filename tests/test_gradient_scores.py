@@ -15,7 +15,7 @@ import peft_alps
 from peft_alps import HeadMaskConfig, HeadScores, select_heads
 from peft_alps.gradient_scores import KINDS, gradient_head_scores
 
-from conftest import ARCHS, block_module, head_mask, linear_frame, make_inputs, make_model
+from conftest import block_module, head_mask, linear_frame, make_inputs, make_model
 
 ENCODERS = ("bert", "roberta")
 ALL = ("q", "k", "v", "o")
