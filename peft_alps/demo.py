@@ -1,9 +1,11 @@
 """End-to-end demo on a real pretrained model (SmolLM2-135M-Instruct, from PyPI):
-pick heads, train them on real text, save the delta, reload it, merge it.
+localize the heads a task moves (ALPS), train only those on real text, save the delta, reload it, merge it.
 
-    python -m peft_alps.demo [--steps 30] [--out demo-output]
+    python -m peft_alps.demo [--steps 30] [--probe-steps 10] [--heads probe|random] [--out demo-output]
 
-Heads: until ALPS localization lands, a seeded random 10% of the query heads.
+Heads: a short probe fine-tune of the attention on the training text stands in for a task model
+(ALPS paper, Appendix C); every head is scored by PAD against it and the top 10% are trained.
+``--heads random`` takes a seeded random 10% instead (the paper's baseline).
 Text: docstrings of Python standard-library modules (real English prose).
 """
 
@@ -20,8 +22,10 @@ from peft import PeftModel, get_peft_model
 
 from .config import HeadMaskConfig
 from .layer import HeadMaskLayer
+from .localize import score_heads
 from .pretrained import load_smollm2
-from .selection import random_heads
+from .probe import probe_task_model
+from .selection import random_heads, select_heads
 
 TRAIN_MODULES = ["argparse", "collections", "json", "logging", "pathlib", "subprocess", "threading", "typing",
                  "unittest", "zipfile", "datetime", "decimal", "fractions", "heapq", "itertools", "functools"]
@@ -61,6 +65,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--ratio", type=float, default=0.1, help="fraction of query heads to train")
+    parser.add_argument("--heads", choices=("probe", "random"), default="probe",
+                        help="probe: ALPS with a probe fine-tune as the task model (default); random: seeded random")
+    parser.add_argument("--probe-steps", type=int, default=10, help="probe fine-tune steps (default 10)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out", default="demo-output", help="where the adapter is saved")
     args = parser.parse_args(argv)
@@ -69,15 +76,25 @@ def main(argv=None) -> None:
 
     base, tokenizer = load_smollm2()
     cfg = base.config
-    heads = random_heads(cfg.num_hidden_layers, cfg.num_attention_heads, args.ratio, seed=0)
-    n_sel = sum(map(len, heads.values()))
-    print(f"SmolLM2-135M-Instruct: {cfg.num_hidden_layers} layers x {cfg.num_attention_heads} query heads "
-          f"({cfg.num_key_value_heads} kv); training {n_sel} heads ({args.ratio:.0%}, seeded random): {heads}")
-
     train = chunks(tokenizer, stdlib_text(TRAIN_MODULES), args.seq)
     held_out = chunks(tokenizer, stdlib_text(HELD_OUT_MODULES), args.seq)[:16]
-    print(f"data: {len(train)} training and {len(held_out)} held-out sequences of {args.seq} tokens "
-          f"(standard-library docstrings)")
+    print(f"SmolLM2-135M-Instruct: {cfg.num_hidden_layers} layers x {cfg.num_attention_heads} query heads "
+          f"({cfg.num_key_value_heads} kv); data: {len(train)} training and {len(held_out)} held-out sequences of "
+          f"{args.seq} tokens (standard-library docstrings)")
+
+    if args.heads == "random":
+        heads = random_heads(cfg.num_hidden_layers, cfg.num_attention_heads, args.ratio, seed=0)
+    else:
+        batches = [{"input_ids": train[i:i + args.batch], "labels": train[i:i + args.batch]}
+                   for i in range(0, args.probe_steps * args.batch, args.batch)]
+        probe = probe_task_model(base, batches, steps=args.probe_steps)
+        scores = score_heads(base, probe)  # PAD, paper's product representation
+        heads = select_heads(scores, args.ratio)
+        top = ", ".join(f"({layer}, {head})" for layer, head, _ in scores.top(5))
+        print(f"localized: {args.probe_steps}-step attention probe in {probe.seconds:.0f} s (loss "
+              f"{probe.losses[0]:.3f} -> {probe.losses[-1]:.3f}); PAD top 5 (layer, head): {top}")
+    n_sel = sum(map(len, heads.values()))
+    print(f"training {n_sel} heads ({args.ratio:.0%}, {args.heads}): {heads}")
 
     model = get_peft_model(base, HeadMaskConfig(heads=heads, parts=["q", "k", "v"]))
     model.print_trainable_parameters()
@@ -105,17 +122,17 @@ def main(argv=None) -> None:
     print(f"saved {file}: {file.stat().st_size / 1e6:.2f} MB (deltas {delta_bytes / 1e6:.2f} MB; the full q/k/v "
           f"matrices of the touched layers would be {attn_bytes / 1e6:.1f} MB)")
 
-    probe = held_out[:2]
+    sample = held_out[:2]
     with torch.no_grad():
-        adapter_logits = model(input_ids=probe).logits
+        adapter_logits = model(input_ids=sample).logits
     reloaded = PeftModel.from_pretrained(load_smollm2()[0], out)
     with torch.no_grad():
-        reload_diff = (reloaded(input_ids=probe).logits - adapter_logits).abs().max().item()
+        reload_diff = (reloaded(input_ids=sample).logits - adapter_logits).abs().max().item()
     print(f"reloaded with PeftModel.from_pretrained: max |logit diff| = {reload_diff:.2e}")
 
     merged = reloaded.merge_and_unload()
     with torch.no_grad():
-        merge_diff = (merged(input_ids=probe).logits - adapter_logits).abs().max().item()
+        merge_diff = (merged(input_ids=sample).logits - adapter_logits).abs().max().item()
     print(f"merged with merge_and_unload ({type(merged).__name__}): max |logit diff| = {merge_diff:.2e}")
     if reload_diff > 1e-4 or merge_diff > 1e-4:
         raise SystemExit("FAILED: reloaded or merged outputs differ from the adapter's")
