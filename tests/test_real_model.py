@@ -56,3 +56,13 @@ def test_minilm_merge_equals_adapter():
         adapter_out = model(**inputs).last_hidden_state
         merged = model.merge_and_unload()
         torch.testing.assert_close(merged(**inputs).last_hidden_state, adapter_out, atol=1e-5, rtol=0)
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    from peft_alps import demo
+
+    demo.main(["--steps", "2", "--probe-steps", "2", "--batch", "2", "--seq", "32", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "localized: 2-step attention probe" in out and "training 27 heads" in out
+    assert "max |logit diff| = 0.00e+00" in out
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
