@@ -13,27 +13,13 @@ Prints a markdown table and writes benchmarks/results/forward_strategy.json.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
-import transformers as tf
-from peft import get_peft_model
 
-import peft_alps
-from peft_alps import HeadMaskConfig
+from common import SIZES, headmask_trainers, llama, machine, time_training_steps, write_json
 from peft_alps.selection import random_heads
-
-SIZES = {
-    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=2),
-    "large": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=12, num_attention_heads=16,
-                  num_key_value_heads=4),
-}
 
 
 def main() -> None:
@@ -48,32 +34,12 @@ def main() -> None:
     if args.quick:
         args.rounds, args.batch, args.seq = 5, 2, 64
 
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=4096, **SIZES[args.size])
-    config._attn_implementation = "eager"
-    base = tf.LlamaForCausalLM(config)
+    base = llama(args.size)
+    config = base.config
     heads = random_heads(config.num_hidden_layers, config.num_attention_heads, 0.1, seed=0)
-    variants = {}
-    for strategy in ("merged", "output_add"):
-        model = get_peft_model(copy.deepcopy(base), HeadMaskConfig(heads=heads, forward_strategy=strategy))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
-        variants[strategy] = (model, opt)
+    variants = headmask_trainers(base, {s: dict(heads=heads, forward_strategy=s) for s in ("merged", "output_add")})
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
-
-    def step(model, opt):
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
-    times = {k: [] for k in variants}
-    for r in range(args.rounds + 2):
-        for name, (model, opt) in variants.items():
-            t = step(model, opt)
-            if r >= 2:
-                times[name].append(t)
+    times, _ = time_training_steps(variants, ids, args.rounds)
 
     ref = statistics.median(times["output_add"])
     rows = []
@@ -91,14 +57,8 @@ def main() -> None:
     for row in rows:
         print(f"| {row['strategy']} | {row['median_ms']:.1f} | {row['min_ms']:.1f} | {row['max_ms']:.1f} | "
               f"{row['vs_output_add']:.3f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(size=args.size, batch=args.batch, seq=args.seq, rounds=args.rounds, torch=torch.__version__,
-                peft_alps=peft_alps.__version__, cpu=platform.processor() or platform.machine(),
-                threads=torch.get_num_threads())
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    tmp.replace(out)
+    meta = dict(size=args.size, batch=args.batch, seq=args.seq, rounds=args.rounds, **machine())
+    write_json(args.out, dict(meta=meta, rows=rows))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 import transformers as tf
 from scipy.stats import wasserstein_distance
 
-import peft_alps
+from common import machine, write_json
 from peft_alps.localize import score_heads
 from peft_alps.selection import select_heads
 
@@ -263,15 +262,9 @@ def main() -> None:
               f"{r['scoring_mb'] / ckpt_mb:.2f} |")
     print(f"\nTotal benchmark time: {total_s:.0f} s")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(size=size, model=SIZES[size], ratio=RATIO, k=k, perturbed_heads=perturbed, repeats=repeats,
-                torch=torch.__version__, transformers=tf.__version__, peft_alps=peft_alps.__version__,
-                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                checkpoints_mb=ckpt_mb, total_s=total_s)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(meta=meta, rows=rows, peak_rss=rss), indent=2))
-    tmp.replace(out)
+                checkpoints_mb=ckpt_mb, total_s=total_s, **machine())
+    write_json(args.out, dict(meta=meta, rows=rows, peak_rss=rss))
 
 
 if __name__ == "__main__":

@@ -17,16 +17,13 @@ Prints a table and writes benchmarks/results/probe_localize.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import time
 from pathlib import Path
 
-import torch
 import transformers as tf
 
-import peft_alps
+from common import machine, write_json
 from peft_alps import score_heads, select_heads
 from peft_alps.data import gsm_symbolic_texts, text_batches
 from peft_alps.gradient_scores import gradient_head_scores
@@ -93,16 +90,10 @@ def main() -> None:
         print(f"| {r['method']} | {r['seconds']:.1f} | {r['overlap_with_probe_a']}/{k} | {r['top5']} | {r['detail']} |")
     print(f"probe A selection by layer: {select_heads(scores['probe A (first half)'], RATIO)}")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(examples=len(texts), tokens=tokens, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                max_length=args.max_length, grad_batches=args.grad_batches, k=k, torch=torch.__version__,
-                peft_alps=peft_alps.__version__, cpu=platform.processor() or platform.machine(),
-                threads=torch.get_num_threads(), total_s=time.perf_counter() - t0)
-    data = dict(meta=meta, runs=runs, scores={name: s.scores.tolist() for name, s in scores.items()})
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(out)
+                max_length=args.max_length, grad_batches=args.grad_batches, k=k, total_s=time.perf_counter() - t0,
+                **machine())
+    write_json(args.out, dict(meta=meta, runs=runs, scores={name: s.scores.tolist() for name, s in scores.items()}))
 
 
 if __name__ == "__main__":
