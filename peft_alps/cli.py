@@ -98,6 +98,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not draw heatmap.png (it needs matplotlib: pip install peft-alps[plot]; "
                    "without it the heatmap is skipped with a note)")
     p.set_defaults(func=localize)
+
+    p = sub.add_parser(
+        "export-lora",
+        help="convert a head-mask adapter into an exactly equivalent stock PEFT LoRA adapter",
+        description="Write the head-mask adapter in ADAPTER_DIR as a standard PEFT LoRA adapter into OUT_DIR "
+        "(loadable with PeftModel.from_pretrained without peft_alps; same outputs to float rounding, same merged "
+        "weights). Each module's LoRA rank is its number of selected channels; bias deltas use lora_bias=True. "
+        "The base model is not needed.",
+        epilog="example: peft-alps export-lora ./heads-adapter ./heads-lora",
+    )
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="saved head-mask adapter folder "
+                   "(adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out", metavar="OUT_DIR", help="output folder, created if missing; must be empty unless "
+                   "--overwrite")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT_DIR; replaces its "
+                   "adapter_config.json and adapter_model.safetensors, leaves other files alone")
+    p.set_defaults(func=export_lora_command)
+
+    m = sub.add_parser(
+        "merge",
+        help="merge a HEADMASK adapter into its base checkpoint, file to file (the model is never loaded)",
+        description="Write BASE with ADAPTER's head slices merged in as a standard transformers checkpoint "
+        "(same safetensors shards and index, config, tokenizer and generation files) that loads without "
+        "peft_alps. Bitwise equal to PeftModel.from_pretrained(...).merge_and_unload(). Streams shard by "
+        "shard: untouched tensors are copied as raw bytes, only the touched projections are read.",
+        epilog="example: peft-alps merge --base ./base --adapter ./adapter --out ./merged --dtype bfloat16",
+    )
+    m.add_argument("--base", required=True, metavar="BASE_DIR",
+                   help="base checkpoint folder (config.json + model.safetensors or a sharded index)")
+    m.add_argument("--adapter", required=True, metavar="ADAPTER_DIR",
+                   help="folder written by save_pretrained of a HEADMASK adapter")
+    m.add_argument("--out", required=True, metavar="OUT_DIR",
+                   help="output folder, created if missing; must be empty unless --overwrite")
+    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="cast the floating tensors on output, after merging (default: keep the base's dtypes)")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (swapped in only once the new checkpoint is complete)")
+    m.set_defaults(func=merge_command)
     return parser
 
 
@@ -248,3 +286,46 @@ def _print_top(scores: HeadScores, heads, k: int) -> None:
     print(f"{'rank':>4}  {'layer':>5}  {'head':>4}  {'score':>11}  selected")
     for rank, (layer, head, score) in enumerate(scores.top(k), 1):
         print(f"{rank:>4}  {layer:>5}  {head:>4}  {score:>11.4e}  {'yes' if (layer, head) in selected else ''}")
+
+
+def export_lora_command(args) -> int:
+    """``peft-alps export-lora``: head-mask adapter folder -> stock PEFT LoRA adapter folder."""
+    import warnings
+
+    from .export import describe, export_lora
+
+    if not Path(args.adapter).exists():
+        raise CLIError(f"ADAPTER_DIR does not exist: {args.adapter}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT's config warnings; errors are ours
+            export_lora(args.adapter, args.out, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:
+        raise CLIError(f"cannot export {args.adapter}: {e}") from None
+    info = describe(args.out)
+    counts = {r: list(info["ranks"].values()).count(r) for r in sorted(set(info["ranks"].values()))}
+    rank_text = ", ".join(f"{n} of rank {r}" for r, n in counts.items())
+    src = Path(args.adapter) / "adapter_model.safetensors"
+    src_text = f" (head-mask adapter: {src.stat().st_size:,} bytes)" if src.exists() else ""
+    print(f"Exported {info['modules']} modules as LoRA ({rank_text}{'; lora_bias' if info['lora_bias'] else ''})"
+          f" to {args.out}: adapter_model.safetensors {info['bytes']:,} bytes{src_text}")
+    return 0
+
+
+def merge_command(args) -> int:
+    """``peft-alps merge``: streamed, validated-first merge of an adapter into its base checkpoint."""
+    from .merge import merge_checkpoint_report
+
+    try:
+        report = merge_checkpoint_report(args.base, args.adapter, args.out, dtype=args.dtype,
+                                         overwrite=args.overwrite)
+    except (ValueError, OSError) as e:  # MergeError (a ValueError) and I/O errors; nothing was written
+        raise CLIError(f"cannot merge {args.adapter} into {args.base}: {e}") from None
+    cast = f", {report.tensors_cast} cast to {args.dtype}" if args.dtype else ""
+    print(f"Merged {args.adapter} into {args.base}: {report.tensors_changed} tensors changed "
+          f"({report.deltas} adapter tensors), {report.tensors_copied} copied unchanged{cast}; "
+          f"{len(report.shards)} safetensors file(s), {report.weight_bytes / 2**20:.1f} MB, "
+          f"+ {', '.join(report.files_copied) or 'no other files'}; {report.seconds:.2f} s -> {report.out}")
+    if report.skipped:
+        print(f"Not copied from {args.base}: {', '.join(report.skipped)}")
+    return 0
