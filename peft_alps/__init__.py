@@ -10,17 +10,19 @@ import enum
 from peft.utils import PeftType, register_peft_method
 
 from .config import HeadMaskConfig
+from .export import export_lora
 from .layer import HeadMaskLayer
 from .layout import ARCHITECTURES, HeadLayout, LayoutError
 from .gradient_scores import gradient_head_scores
 from .localize import HeadScores, score_heads
+from .merge import merge_checkpoint
 from .model import HeadMaskModel
 from .probe import ProbeWeights, probe_task_model
 from .selection import layer_consistent_heads, random_heads, select_heads
 
 __all__ = ["ARCHITECTURES", "HeadLayout", "HeadMaskConfig", "HeadMaskLayer", "HeadMaskModel", "HeadScores",
-           "LayoutError", "ProbeWeights", "gradient_head_scores", "layer_consistent_heads", "probe_task_model",
-           "random_heads", "score_heads", "select_heads"]
+           "LayoutError", "ProbeWeights", "export_lora", "gradient_head_scores", "layer_consistent_heads",
+           "merge_checkpoint", "probe_task_model", "random_heads", "score_heads", "select_heads"]
 __version__ = "0.1.0"
 
 

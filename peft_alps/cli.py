@@ -136,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (swapped in only once the new checkpoint is complete)")
     m.set_defaults(func=merge_command)
+
+    i = sub.add_parser(
+        "inspect",
+        help="what a saved head-mask adapter holds: heads per layer, parts, parameters, bytes, base model",
+        description="Print what the HEADMASK adapter in ADAPTER_DIR holds, from its adapter_config.json and the "
+        "header of adapter_model.safetensors (the tensors are not read): base model, peft_type, architecture, "
+        "selected heads per layer, parts, trainable parameters and bytes.",
+        epilog="example: peft-alps inspect ./heads-adapter --heatmap heads.png",
+    )
+    i.add_argument("adapter", metavar="ADAPTER_DIR", help="folder written by save_pretrained of a HEADMASK adapter")
+    i.add_argument("--heatmap", metavar="PNG", help="also draw the selected heads as a layers x heads map "
+                   "(needs matplotlib: pip install peft-alps[plot])")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    i.set_defaults(func=inspect_command)
     return parser
 
 
@@ -328,4 +342,34 @@ def merge_command(args) -> int:
           f"+ {', '.join(report.files_copied) or 'no other files'}; {report.seconds:.2f} s -> {report.out}")
     if report.skipped:
         print(f"Not copied from {args.base}: {', '.join(report.skipped)}")
+    return 0
+
+
+def inspect_command(args) -> int:
+    """``peft-alps inspect``: summary of a saved head-mask adapter (and a heatmap of its selection)."""
+    import torch
+
+    from .card import AdapterError, summarize, summary_lines
+
+    if not Path(args.adapter).is_dir():
+        raise CLIError(f"ADAPTER_DIR is not a folder: {args.adapter}")
+    if args.heatmap and not _have_matplotlib():
+        raise CLIError("--heatmap needs matplotlib: pip install 'peft-alps[plot]'")
+    try:
+        info = summarize(args.adapter)
+    except AdapterError as e:
+        raise CLIError(str(e)) from None
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{args.adapter}: peft_type {info['peft_type']}")
+        print("\n".join(summary_lines(info)))
+    if args.heatmap:
+        grid = torch.zeros(info["num_layers"], info["num_heads"])
+        for layer, hs in info["heads"].items():
+            grid[layer, hs] = 1
+        selection = HeadScores(scores=grid, metric="selected", representation="adapter", tau=None, layout={})
+        plot_heatmap(selection, info["heads"], args.heatmap, label="selected (1) / not (0)",
+                     title=f"{info['selected']} of {info['total']} heads selected ({info['ratio']:.1%})")
+        print(f"heatmap: {args.heatmap}")
     return 0

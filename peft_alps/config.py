@@ -75,6 +75,11 @@ class HeadMaskConfig(PeftConfig):
         metadata={"help": "Extra modules trained in full and saved with the adapter, e.g. ['score'] for a "
                   "classification head."},
     )
+    selection: Optional[dict] = field(
+        default=None,
+        metadata={"help": "How the heads were chosen, for the model card and readers, e.g. {'method': 'ALPS', "
+                  "'metric': 'pad', 'ratio': 0.1}. Free-form JSON-serialisable values; not used for training."},
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={"help": "Filled automatically with the exact module names that hold selected heads; "
@@ -93,6 +98,19 @@ class HeadMaskConfig(PeftConfig):
                 f"forward_strategy must be one of {FORWARD_STRATEGIES}, got {self.forward_strategy!r}."
             )
         self.grad_mask_ratio = _check_ratio(self.grad_mask_ratio)
+        if self.selection is not None and not isinstance(self.selection, dict):
+            raise ValueError(f"selection must be a dict (e.g. {{'metric': 'pad', 'ratio': 0.1}}) or None, got "
+                             f"{type(self.selection).__name__}.")
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """PEFT's ``adapter_config.json``, then the Hub model card (``README.md``, :mod:`peft_alps.card`).
+
+        ``PeftModel.save_pretrained`` writes the weights and PEFT's own card before calling this, so the card's
+        summary describes the saved weights."""
+        super().save_pretrained(save_directory, **kwargs)
+        from .card import write_model_card
+
+        write_model_card(save_directory)
 
     @property
     def num_selected_heads(self) -> int:

@@ -96,7 +96,10 @@ def main(argv=None) -> None:
     n_sel = sum(map(len, heads.values()))
     print(f"training {n_sel} heads ({args.ratio:.0%}, {args.heads}): {heads}")
 
-    model = get_peft_model(base, HeadMaskConfig(heads=heads, parts=["q", "k", "v"]))
+    selection = ({"method": "random", "ratio": args.ratio, "seed": 0} if args.heads == "random" else
+                 {"method": "ALPS (probe fine-tune + PAD)", "metric": "pad", "ratio": args.ratio,
+                  "probe_steps": args.probe_steps})
+    model = get_peft_model(base, HeadMaskConfig(heads=heads, parts=["q", "k", "v"], selection=selection))
     model.print_trainable_parameters()
     before = mean_loss(model, held_out, args.batch)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.1)

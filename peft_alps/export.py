@@ -150,6 +150,12 @@ def _read_folder(folder: Path) -> tuple[dict, list[_Slice], dict]:
     if (folder / SAFETENSORS_NAME).is_file():
         from safetensors.torch import load_file
 
+        from .merge import MergeError, read_header
+
+        try:  # a clear error for a truncated or corrupted file (safetensors' own is cryptic)
+            read_header(folder / SAFETENSORS_NAME)
+        except MergeError as e:
+            raise ExportError(str(e)) from None
         state = load_file(folder / SAFETENSORS_NAME)
     elif (folder / BIN_NAME).is_file():
         state = torch.load(folder / BIN_NAME, map_location="cpu", weights_only=True)

@@ -17,10 +17,12 @@ def _ticks(n: int, max_labels: int = 32) -> list[int]:
     return list(range(0, n, step))
 
 
-def plot_heatmap(scores, heads: dict[int, list[int]] | None, path, title: str | None = None) -> Path:
+def plot_heatmap(scores, heads: dict[int, list[int]] | None, path, title: str | None = None,
+                 label: str | None = None) -> Path:
     """Draw ``scores`` (a ``HeadScores``) as a layers x heads heatmap and write a PNG to ``path``.
 
-    Heads in ``heads`` (``{layer: [heads]}``, e.g. from ``select_heads``) are outlined.
+    Heads in ``heads`` (``{layer: [heads]}``, e.g. from ``select_heads``) are outlined. ``label`` names the
+    colour bar (default: "<metric> distance").
     The file is written atomically (temp file next to ``path``, then ``os.replace``).
     Returns ``path`` as a ``Path``.
     """
@@ -34,7 +36,7 @@ def plot_heatmap(scores, heads: dict[int, list[int]] | None, path, title: str | 
                  dpi=120)
     ax = fig.add_subplot()
     im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis")
-    fig.colorbar(im, ax=ax, label=f"{scores.metric} distance")
+    fig.colorbar(im, ax=ax, label=label or f"{scores.metric} distance")
     for layer, hs in (heads or {}).items():
         for h in hs:
             ax.add_patch(Rectangle((h - 0.5, int(layer) - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.8))

@@ -357,6 +357,10 @@ def test_inconsistent_or_broken_adapters(tmp_path):
     (tmp_path / "hm/adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ExportError, match="do not belong together"):
         export_lora(tmp_path / "hm", tmp_path / "out")
+    weights = tmp_path / "hm/adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    with pytest.raises(ExportError, match="not a valid safetensors file: truncated"):
+        export_lora(tmp_path / "hm", tmp_path / "out")
     with torch.no_grad():
         pm.base_model.model.model.layers[2].self_attn.q_proj.headmask_delta["default"][0, 0] = float("nan")
     with pytest.raises(ExportError, match="NaN or inf"):
