@@ -56,6 +56,7 @@ from .config import _normalise_heads
 from .fileio import umask
 from .layer import merged_slice
 from .layout import HeadLayout, LayoutError, check_parts
+from .localize import _find as find_name
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -286,11 +287,11 @@ def _dtype_code(dtype) -> Optional[str]:
 
 
 def _find(names, suffix: str, where: str) -> str:
-    hits = [n for n in names if n == suffix or n.endswith("." + suffix)]
-    if len(hits) != 1:
-        problem = "has no tensor" if not hits else f"has {len(hits)} tensors ({hits[:3]})"
-        raise MergeError(f"{where} {problem} named like '*{suffix}'.")
-    return hits[0]
+    """:func:`peft_alps.localize._find` (the one name ending with ``suffix``), raising MergeError."""
+    try:
+        return find_name(names, suffix, where)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
 
 
 def _read_json(path: Path, what: str) -> dict:
