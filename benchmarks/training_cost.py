@@ -73,8 +73,8 @@ ADAPTERS = HEADMASK + ("lora r16", "lora r64")  # PEFT adapters: saved, merged, 
 QKV = ["q_proj", "k_proj", "v_proj"]
 # setting -> (model, dtype, timed rounds by default)
 SETTINGS = {
-    "small-fp32": ("small", torch.float32, 10),
-    "small-bf16": ("small", torch.bfloat16, 10),
+    "small-fp32": ("small", torch.float32, 20),
+    "small-bf16": ("small", torch.bfloat16, 20),
     "large-fp32": ("large", torch.float32, 5),
     "large-bf16": ("large", torch.bfloat16, 8),
     "smollm2-fp32": ("smollm2", torch.float32, 5),

@@ -1,5 +1,6 @@
 """End-to-end demo on a real pretrained model (SmolLM2-135M-Instruct, from PyPI):
-localize the heads a task moves (ALPS), train only those on real text, save the delta, reload it, merge it.
+localize the heads a task moves (ALPS), train only those on real text, save the delta (and its model card),
+reload it, merge it in memory and file to file (a plain transformers checkpoint), and check every output.
 
     python -m peft_alps.demo [--steps 30] [--probe-steps 10] [--heads probe|random] [--out demo-output]
 
@@ -19,11 +20,13 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
 
 from .config import HeadMaskConfig
 from .layer import HeadMaskLayer
 from .localize import score_heads
-from .pretrained import load_smollm2
+from .merge import merge_checkpoint
+from .pretrained import load_smollm2, smollm2_checkpoint_dir
 from .probe import probe_task_model
 from .selection import random_heads, select_heads
 
@@ -69,7 +72,8 @@ def main(argv=None) -> None:
                         help="probe: ALPS with a probe fine-tune as the task model (default); random: seeded random")
     parser.add_argument("--probe-steps", type=int, default=10, help="probe fine-tune steps (default 10)")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--out", default="demo-output", help="where the adapter is saved")
+    parser.add_argument("--out", default="demo-output", help="where the adapter is saved (default demo-output); "
+                        "the merged checkpoint goes to OUT-merged")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -137,7 +141,18 @@ def main(argv=None) -> None:
     with torch.no_grad():
         merge_diff = (merged(input_ids=sample).logits - adapter_logits).abs().max().item()
     print(f"merged with merge_and_unload ({type(merged).__name__}): max |logit diff| = {merge_diff:.2e}")
-    if reload_diff > 1e-4 or merge_diff > 1e-4:
+
+    # deployment: merge file to file (the base checkpoint is streamed, never loaded) and load it without peft
+    t0 = time.perf_counter()
+    merged_dir = merge_checkpoint(smollm2_checkpoint_dir(), out, out.parent / f"{out.name}-merged",
+                                  overwrite=True)
+    seconds = time.perf_counter() - t0
+    served = AutoModelForCausalLM.from_pretrained(merged_dir, attn_implementation="eager")
+    with torch.no_grad():
+        file_diff = (served(input_ids=sample).logits - adapter_logits).abs().max().item()
+    print(f"streamed merge into {merged_dir} in {seconds:.1f} s; loaded with plain transformers: max |logit diff| = "
+          f"{file_diff:.2e}; model card: {out / 'README.md'}")
+    if max(reload_diff, merge_diff, file_diff) > 1e-4:
         raise SystemExit("FAILED: reloaded or merged outputs differ from the adapter's")
     print(f"done in {time.perf_counter() - t_start:.0f} s")
 

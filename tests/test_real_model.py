@@ -65,4 +65,6 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "localized: 2-step attention probe" in out and "training 27 heads" in out
     assert "max |logit diff| = 0.00e+00" in out
+    assert "loaded with plain transformers: max |logit diff| = 0.00e+00" in out  # the streamed merge
+    assert (tmp_path / "out-merged" / "model.safetensors").is_file()
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
