@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from .fileio import umask
+from .fileio import staged_folder
 from .heatmap import plot_heatmap
 from .localize import METRICS, REPRESENTATIONS, HeadScores, score_heads
 from .probe import probe_task_model
@@ -269,28 +266,13 @@ def _heads_json(scores: HeadScores, heads: dict[int, list[int]], args) -> str:
 
 def _write_outputs(out: Path, scores: HeadScores, heads, args, heatmap: bool) -> list[str]:
     """Write every output into a staging folder next to ``out``, then move them in (all or nothing)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with staged_folder(out, stale=() if heatmap else ("heatmap.png",)) as stage:  # a stale heatmap would mislead
         scores.save(stage / "scores.json")
         (stage / "heads.json").write_text(_heads_json(scores, heads, args))
         if heatmap:
             plot_heatmap(scores, heads, stage / "heatmap.png")
         names = sorted(p.name for p in stage.iterdir())
-        mask = umask()
-        os.chmod(stage, 0o777 & ~mask)  # mkdtemp/mkstemp create owner-only entries
-        for name in names:
-            os.chmod(stage / name, 0o666 & ~mask)
-        if not out.exists():
-            os.rename(stage, out)
-            return names
-        for name in names:
-            os.replace(stage / name, out / name)
-        if not heatmap and (out / "heatmap.png").exists():  # would not match the new scores
-            (out / "heatmap.png").unlink()
-        return names
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    return names
 
 
 def _print_top(scores: HeadScores, heads, k: int) -> None:

@@ -22,12 +22,9 @@ with the head-mask forward ``x @ (W + D)^T`` to float rounding (~1e-6 in fp32).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -320,29 +317,15 @@ def _config_json(lora_config) -> str:
 
 
 def _write(out: Path, lora_config, tensors: dict) -> None:
-    """Write config and weights into a staging folder next to ``out``, then move them in."""
+    """Write config and weights into a staging folder next to ``out``, then move them in (a stale ``.bin`` of an
+    earlier adapter in ``out`` is removed: it would not match the new config)."""
     from safetensors.torch import save_file
 
-    from .fileio import umask
+    from .fileio import staged_folder
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with staged_folder(out, stale=(BIN_NAME,)) as stage:
         (stage / CONFIG_NAME).write_text(_config_json(lora_config))
         save_file(tensors, str(stage / SAFETENSORS_NAME), metadata={"format": "pt"})
-        mask = umask()
-        os.chmod(stage, 0o777 & ~mask)  # mkdtemp creates an owner-only folder
-        for name in (CONFIG_NAME, SAFETENSORS_NAME):
-            os.chmod(stage / name, 0o666 & ~mask)
-        if not out.exists():
-            os.rename(stage, out)
-            return
-        for name in (SAFETENSORS_NAME, CONFIG_NAME):
-            os.replace(stage / name, out / name)
-        with contextlib.suppress(FileNotFoundError):  # a stale .bin would not match the new config
-            (out / BIN_NAME).unlink()
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def describe(out_dir) -> dict:

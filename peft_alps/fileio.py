@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,3 +34,33 @@ def atomic_write(path, mode: str = "w"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def staged_folder(out, stale=()):
+    """``with staged_folder(out) as stage:`` write files into ``stage``, a temp folder next to ``out``.
+
+    On success they land in ``out`` together: ``stage`` is renamed to ``out`` if ``out`` does not exist, else
+    each file replaces its namesake in ``out`` (other files stay; the names in ``stale`` are removed, for files
+    that would no longer match). On an exception ``out`` is untouched and ``stage`` is removed.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield stage
+        names = sorted(p.name for p in stage.iterdir())
+        mask = umask()
+        os.chmod(stage, 0o777 & ~mask)  # mkdtemp/mkstemp create owner-only entries
+        for name in names:
+            os.chmod(stage / name, 0o666 & ~mask)
+        if not out.exists():
+            os.rename(stage, out)
+            return
+        for name in names:
+            os.replace(stage / name, out / name)
+        for name in stale:
+            with contextlib.suppress(FileNotFoundError):
+                (out / name).unlink()
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
