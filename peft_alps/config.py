@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from .layout import check_parts
+from .layout import HeadLayout, check_parts, is_index
 
 FORWARD_STRATEGIES = ("merged", "output_add")
+WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 @dataclass
@@ -80,6 +82,11 @@ class HeadMaskConfig(PeftConfig):
         metadata={"help": "How the heads were chosen, for the model card and readers, e.g. {'method': 'ALPS', "
                   "'metric': 'pad', 'ratio': 0.1}. Free-form JSON-serialisable values; not used for training."},
     )
+    base_fingerprint: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Filled automatically: a sketch of the base weight slices the adapter was made on "
+                  "(peft_alps.integrity), checked when the adapter is loaded, merged or exported; do not set it."},
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={"help": "Filled automatically with the exact module names that hold selected heads; "
@@ -91,13 +98,15 @@ class HeadMaskConfig(PeftConfig):
         from peft.utils import PeftType
 
         self.peft_type = PeftType.HEADMASK
-        self.heads = _normalise_heads(self.heads)
+        self.heads = normalise_heads(self.heads)
         self.parts = check_parts(self.parts)
         if self.forward_strategy not in FORWARD_STRATEGIES:
             raise ValueError(
                 f"forward_strategy must be one of {FORWARD_STRATEGIES}, got {self.forward_strategy!r}."
             )
         self.grad_mask_ratio = _check_ratio(self.grad_mask_ratio)
+        if self.layout is not None:  # a HeadLayout object or its dict; validated here, stored as a dict
+            self.layout = HeadLayout.coerce(self.layout).to_dict()
         if self.selection is not None and not isinstance(self.selection, dict):
             raise ValueError(f"selection must be a dict (e.g. {{'metric': 'pad', 'ratio': 0.1}}) or None, got "
                              f"{type(self.selection).__name__}.")
@@ -109,8 +118,28 @@ class HeadMaskConfig(PeftConfig):
         summary describes the saved weights."""
         super().save_pretrained(save_directory, **kwargs)
         from .card import write_model_card
+        from .integrity import stamp_checksum
 
+        weights = Path(save_directory) / WEIGHTS_NAME
+        if weights.is_file():  # PEFT wrote it just before; transformers writes it after the config (no stamp)
+            stamp_checksum(weights)
         write_model_card(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        """PEFT's loader, remembering where the adapter's weights file is so that ``PeftModel.from_pretrained``
+        can check it against the config before the model is modified (:meth:`HeadMaskModel._prepare_model`)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = Path(pretrained_model_name_or_path, subfolder or "")
+        if (folder / WEIGHTS_NAME).is_file():
+            config._weights_file = folder / WEIGHTS_NAME
+        elif not folder.exists():  # a Hub id: the file, if already downloaded
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(pretrained_model_name_or_path), "/".join(filter(None, (
+                subfolder, WEIGHTS_NAME))), cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision"))
+            config._weights_file = Path(cached) if isinstance(cached, str) else None
+        return config
 
     @property
     def num_selected_heads(self) -> int:
@@ -125,25 +154,51 @@ def _check_ratio(ratio) -> float:
     return float(ratio)
 
 
-def _normalise_heads(heads) -> dict[int, list[int]]:
-    """Validate ``heads`` and return it with int keys and sorted, distinct int heads."""
+def normalise_heads(heads) -> dict[int, list[int]]:
+    """``heads`` validated and returned with int layer keys (sorted) and sorted, distinct int heads.
+
+    Layer keys: integers (numpy / 0-d tensor integers too) or decimal strings, as after a JSON round trip.
+    Heads: an integer or a list of integers per layer. Bools, floats and keys that name the same layer twice
+    (``{0: ..., "0": ...}``) are refused: each would silently select other heads than the ones written.
+    """
+    example = "e.g. heads={3: [0, 5], 11: [2]} (peft_alps.select_heads(scores) produces one)"
+    if isinstance(heads, (list, tuple)):
+        raise ValueError(f"heads must be a dict of layer index -> list of query heads, {example}; got a "
+                         f"{type(heads).__name__}. For one list of heads per layer use dict(enumerate(lists)).")
     if not isinstance(heads, dict) or not heads:
-        raise ValueError(
-            "heads is empty: pass a dict of layer index -> list of query heads, e.g. heads={3: [0, 5]} "
-            "(peft_alps.select_heads(scores) produces one)."
-        )
-    out = {}
+        raise ValueError(f"heads is empty: pass a dict of layer index -> list of query heads, {example}.")
+    out, written = {}, {}
     for layer, hs in heads.items():
-        try:
-            layer_idx = int(layer)
-        except (TypeError, ValueError):
-            raise ValueError(f"heads has a non-integer layer key {layer!r}.") from None
-        if isinstance(hs, int):
+        layer_idx = _layer_index(layer)
+        if layer_idx in out:
+            raise ValueError(f"heads names layer {layer_idx} twice (as {written[layer_idx]!r} and {layer!r}): "
+                             f"merge the two lists under one key.")
+        if is_index(hs):
             hs = [hs]
-        hs = list(hs)
+        elif isinstance(hs, (list, tuple, range)) or _is_vector(hs):
+            hs = list(hs)
+        else:
+            raise ValueError(f"heads[{layer_idx}] must be a list of query-head indices, got {hs!r}.")
         if not hs:
             raise ValueError(f"heads[{layer_idx}] is empty: drop the layer or list at least one head.")
-        if layer_idx < 0 or any(not isinstance(h, int) or isinstance(h, bool) or h < 0 for h in hs):
-            raise ValueError(f"heads[{layer!r}] = {hs}: layer and head indices must be non-negative integers.")
-        out[layer_idx] = sorted(set(hs))
+        bad = [h for h in hs if not is_index(h) or h < 0]
+        if bad:
+            raise ValueError(f"heads[{layer_idx}] = {hs}: head indices must be non-negative integers, got "
+                             f"{bad[:3]}.")
+        out[layer_idx], written[layer_idx] = sorted({int(h) for h in hs}), layer
     return dict(sorted(out.items()))
+
+
+def _layer_index(layer) -> int:
+    """A layer key as an int: an integer, or a string of decimal digits (JSON object keys are strings)."""
+    if isinstance(layer, str) and layer.strip().isdecimal():
+        return int(layer)
+    if is_index(layer) and layer >= 0:
+        return int(layer)
+    raise ValueError(f"heads has a non-integer layer key {layer!r}: layer keys must be non-negative integers (or their "
+                     f"decimal strings).")
+
+
+def _is_vector(value) -> bool:
+    """A 1-D numpy array or tensor (of head indices)."""
+    return len(getattr(value, "shape", ())) == 1

@@ -27,8 +27,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .layout import HeadLayout, check_parts
-from .localize import HeadScores, _find
+from .layout import check_parts
+from .localize import HeadScores, _find, _ModuleSource, check_layout_fits, resolve_layout
 
 KINDS = ("grad", "grad_x_weight", "fisher")
 
@@ -97,7 +97,7 @@ def _loss(model, batch, loss_fn):
 
 
 def gradient_head_scores(model, batches, kind: str = "grad", parts=("q", "k", "v"), loss_fn=None,
-                         progress: bool = False) -> HeadScores:
+                         progress: bool = False, layout=None) -> HeadScores:
     """Score each query head by the gradient of a loss on ``batches`` w.r.t. its attention weights.
 
     ``model``: a transformers model (``.config`` of an architecture :class:`~peft_alps.layout.HeadLayout`
@@ -105,8 +105,12 @@ def gradient_head_scores(model, batches, kind: str = "grad", parts=("q", "k", "v
     weight's gradient raises). ``batches``: non-empty iterable of batches, each a dict for ``model(**batch)``
     (see :func:`peft_alps.data.text_batches`); ``loss_fn(model, batch) -> scalar`` replaces
     ``model(**batch).loss``. ``kind``: one of :data:`KINDS` (module docstring). ``parts``: non-empty subset of
-    ``("q", "k", "v", "o")``. Returns :class:`~peft_alps.localize.HeadScores` with
-    ``representation="gradient"``, ``metric=kind`` and ``tau=None``, ready for
+    ``("q", "k", "v", "o")``. ``layout``: ``None`` derives it from the model's config (LayoutError for an
+    architecture without a built-in layout); else a :class:`~peft_alps.layout.HeadLayout` or its dict form,
+    which must agree with the config's layout on ``shape_key()`` if there is one, and is checked against the
+    q/k/v/o weight shapes before anything runs (LayoutError naming the module and the field), as in
+    :func:`~peft_alps.localize.score_heads`. Returns :class:`~peft_alps.localize.HeadScores` with
+    ``representation="gradient"``, ``metric=kind``, ``tau=None`` and the layout used, ready for
     :func:`peft_alps.select_heads`.
     """
     if kind not in KINDS:
@@ -118,7 +122,10 @@ def gradient_head_scores(model, batches, kind: str = "grad", parts=("q", "k", "v
     if not batches:
         raise ValueError("batches is empty: pass a list of batches (peft_alps.data.text_batches makes them).")
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layout = HeadLayout.from_model_config(inner.config)
+    given = layout is not None
+    layout = resolve_layout(getattr(inner, "config", None), layout, "gradient_head_scores")
+    if given:
+        check_layout_fits(layout, _ModuleSource(inner).shape, parts)
 
     h = layout.num_heads
     index = {p: torch.tensor([c for i in range(h) for c in layout.part_channels(p, i)]) for p in parts}

@@ -29,6 +29,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import gmt
+from .mixed_batch import BASE, check_layer_call
 
 
 def merged_slice(orig: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -212,17 +213,34 @@ class Linear(nn.Module, HeadMaskLayer):
         if any(r > 0 for r in getattr(self, "headmask_grad_mask_ratio", {}).values()):
             gmt.track(self)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, adapter_names=None, **kwargs) -> torch.Tensor:
+        if adapter_names is not None:
+            check_layer_call(self, x, adapter_names)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         active = [a for a in self.active_adapters if a in self.headmask_delta]
         if not active:
             return self.base_layer(x, *args, **kwargs)
         return head_slice_forward(self, x, active)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **kwargs) -> torch.Tensor:
+        """PEFT mixed batch: the base output once, then each adapter's slices added to its own samples only
+        (``adapter_names[i]`` names sample ``i``'s adapter; see :mod:`peft_alps.mixed_batch`)."""
+        y = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):
+            slices, params = self._slices_and_params([name])
+            if name == BASE or not slices:  # no adapter, or one that selects no head in this layer
+                continue
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=y.device)
+            (dim, idx), (delta, bias_delta) = slices[0], params
+            y[rows] = add_slice_output(y[rows], x[rows], dim, idx, delta, bias_delta)
+        return y
 
     def __repr__(self) -> str:
         return "headmask." + super().__repr__()
@@ -241,8 +259,16 @@ def head_slice_forward(layer: HeadMaskLayer, x: torch.Tensor, adapter_names: lis
         return _MergedSliceLinear.apply(x, layer._weight(), base.bias, slices, *params)
     y = base(x)
     for (dim, idx), delta, bias_delta in zip(slices, params[0::2], params[1::2]):
-        if dim == "out":
-            y = y.index_add(-1, idx, F.linear(x.to(delta.dtype), delta, bias_delta).to(y.dtype))
-        else:
-            y = y + F.linear(x.index_select(-1, idx).to(delta.dtype), delta).to(y.dtype)
+        y = add_slice_output(y, x, dim, idx, delta, bias_delta)
     return y
+
+
+def add_slice_output(y, x, dim, idx, delta, bias_delta) -> torch.Tensor:
+    """``y`` (the base output for ``x``) plus one adapter's slice contribution: the ``"output_add"`` formula.
+
+    Rows (``dim="out"``): ``x @ delta^T (+ bias_delta)`` added into output channels ``idx``;
+    columns (``"in"``): input channels ``x[..., idx] @ delta^T`` added to every output channel.
+    """
+    if dim == "out":
+        return y.index_add(-1, idx, F.linear(x.to(delta.dtype), delta, bias_delta).to(y.dtype))
+    return y + F.linear(x.index_select(-1, idx).to(delta.dtype), delta).to(y.dtype)

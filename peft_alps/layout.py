@@ -20,6 +20,7 @@ Conventions used throughout peft_alps:
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -85,6 +86,16 @@ class LayoutError(ValueError):
     """The model's attention layout is unknown or does not match an adapter."""
 
 
+def is_index(value) -> bool:
+    """True for an integer: ``int``, a numpy integer or a 0-d integer array/tensor; False for bools."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Integral):
+        return True
+    shape, dtype = getattr(value, "shape", None), str(getattr(value, "dtype", ""))
+    return shape is not None and tuple(shape) == () and "int" in dtype
+
+
 @dataclass
 class HeadLayout:
     """Shapes and module names of one model's attention, JSON-serialisable.
@@ -106,7 +117,7 @@ class HeadLayout:
     transposed: bool = False
 
     def __post_init__(self):
-        missing = [p for p in PARTS if p not in self.modules]
+        missing = [p for p in PARTS if p not in (self.modules or {})]
         if missing:
             raise LayoutError(f"layout.modules must name a module for each of {PARTS}; missing {missing}.")
         if self.fused not in (None, "blocks", "interleaved"):
@@ -115,6 +126,16 @@ class HeadLayout:
             raise LayoutError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}.")
         if self.fused == "interleaved" and self.num_kv_heads != self.num_heads:
             raise LayoutError("An interleaved fused qkv layout requires num_kv_heads == num_heads.")
+        qkv = {self.modules[p] for p in "qkv"}
+        if self.fused is None and len(qkv) < 3:
+            raise LayoutError(f"layout.modules puts q, k and v in {sorted(qkv)} but fused is None: set fused to "
+                              f"'blocks' ([Q | K | V] along the output) or 'interleaved' ([q_h k_h v_h] per head).")
+        if self.fused is not None and len(qkv) != 1:
+            raise LayoutError(f"layout.fused={self.fused!r} needs q, k and v in one module, got {self.modules}; "
+                              f"set fused=None for separate projections (partly fused q/k/v is not supported).")
+        if self.modules["o"] in qkv:
+            raise LayoutError(f"layout.modules names {self.modules['o']!r} for o and for q/k/v; o is the output "
+                              f"projection that reads the heads' context vectors.")
 
     # ----- construction -----
     @classmethod
@@ -145,8 +166,40 @@ class HeadLayout:
         )
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HeadLayout":
-        return cls(**data)
+    def from_dict(cls, data) -> "HeadLayout":
+        """The layout recorded as ``data`` (as :meth:`to_dict` writes it); LayoutError naming any unknown,
+        missing or ill-typed key."""
+        if not isinstance(data, dict):
+            raise LayoutError(f"layout must be a dict with the keys {_LAYOUT_KEYS} (or a HeadLayout), got "
+                              f"{type(data).__name__}.")
+        unknown = sorted(set(map(str, data)) - set(_LAYOUT_KEYS))
+        missing = [k for k in _LAYOUT_KEYS if k not in data and k not in _LAYOUT_DEFAULTS]
+        if unknown or missing:
+            raise LayoutError(f"layout has {f'unknown key(s) {unknown}' if unknown else ''}"
+                              f"{' and ' if unknown and missing else ''}{f'no {missing}' if missing else ''}; "
+                              f"a layout has the keys {_LAYOUT_KEYS} (fused and transposed are optional).")
+        ints = [k for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")
+                if not is_index(data[k]) or data[k] < 1]
+        if ints:
+            raise LayoutError(f"layout {ints} must be positive integers, got {[data[k] for k in ints]}.")
+        if not isinstance(data["layers"], str) or not data["layers"] or not isinstance(data["model_type"], str):
+            raise LayoutError(f"layout model_type and layers must be non-empty strings, got "
+                              f"{data['model_type']!r} and {data['layers']!r}.")
+        modules = data["modules"]
+        if not isinstance(modules, dict) or not all(isinstance(v, str) and v for v in modules.values()):
+            raise LayoutError(f"layout modules must map each of {list(PARTS)} to a module path inside a block, "
+                              f"got {modules!r}.")
+        extra = sorted(set(modules) - set(PARTS))
+        if extra:
+            raise LayoutError(f"layout modules has unknown part(s) {extra}; parts are {list(PARTS)}.")
+        if not isinstance(data.get("transposed", False), bool):
+            raise LayoutError(f"layout transposed must be true or false, got {data['transposed']!r}.")
+        return cls(**{k: int(v) if k in _INT_KEYS else v for k, v in data.items()})
+
+    @classmethod
+    def coerce(cls, layout) -> "HeadLayout":
+        """A :class:`HeadLayout` from a HeadLayout (returned as is) or its dict form (:meth:`from_dict`)."""
+        return layout if isinstance(layout, HeadLayout) else cls.from_dict(layout)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,6 +248,79 @@ class HeadLayout:
         """Distinct module paths (inside a block) that hold the given parts, in q, k, v, o order."""
         return list(dict.fromkeys(self.modules[p] for p in PARTS if p in parts))
 
+    def features(self, module: str) -> tuple[int, int]:
+        """``(out_features, in_features)`` that ``module`` (a value of ``self.modules``) has under this layout,
+        in the ``nn.Linear`` frame."""
+        d = self.head_dim
+        if module == self.modules["o"]:
+            return self.hidden_size, self.num_heads * d
+        if self.fused == "interleaved":
+            return 3 * self.num_heads * d, self.hidden_size
+        per_part = {"q": self.num_heads, "k": self.num_kv_heads, "v": self.num_kv_heads}
+        return sum(per_part[p] for p in "qkv" if self.modules[p] == module) * d, self.hidden_size
+
+    def check_model(self, shapes: dict, config=None, where: str = "the model") -> dict:
+        """Check this layout against a real model; return ``{(layer, module path): full module name}``.
+
+        ``shapes``: full module name -> ``(out_features, in_features)`` in the ``nn.Linear`` frame, for the
+        model's projections (extra names are ignored); ``config``: the model's transformers config, if any.
+        Every layer ``0..num_layers-1`` must hold each q/k/v/o module exactly once (one layer stack), with the
+        features :meth:`features` implies, and the config's head counts and sizes must agree. LayoutError
+        naming the field to fix otherwise.
+        """
+        found: dict = {}
+        for name in shapes:
+            hit = self.locate(name, PARTS)
+            if hit is not None:
+                found.setdefault(hit, []).append(name)
+        stacks = {k: v for k, v in found.items() if len(v) > 1}
+        if stacks:
+            (layer, module), names = next(iter(stacks.items()))
+            prefixes = sorted(n[: n.index(f"{self.layers}.{layer}.")] + self.layers for n in names)
+            raise LayoutError(f"layout.layers={self.layers!r} matches several layer stacks in {where} "
+                              f"({prefixes}): set layers to exactly one of them, e.g. {prefixes[0]!r}.")
+        modules = self.module_names(PARTS)
+        missing = [(i, m) for i in range(self.num_layers) for m in modules if (i, m) not in found]
+        if missing:
+            raise LayoutError(f"Could not find the attention module(s) {missing[:4]} (layer, path) in {where}; the "
+                              f"layout's module names {self.modules} under '{self.layers}.N' (num_layers="
+                              f"{self.num_layers}) do not match it.")
+        beyond = sorted({i for i, _ in found if i >= self.num_layers})
+        if beyond:
+            raise LayoutError(f"layout.num_layers={self.num_layers} but {where} has attention layers up to "
+                              f"{beyond[-1]}: set num_layers={beyond[-1] + 1}.")
+        for (layer, module), (name,) in sorted(found.items()):
+            want, got = self.features(module), tuple(shapes[name])
+            if got != want:
+                raise LayoutError(f"{name} has {got[0]} output and {got[1]} input features but the layout implies "
+                                  f"{want[0]} x {want[1]}: check {self._suspects(module, got, want)} "
+                                  f"({self.to_dict()}).")
+        if config is not None:
+            self._check_config(config, where)
+        return {key: names[0] for key, names in found.items()}
+
+    def _suspects(self, module: str, got, want) -> str:
+        """The layout fields a wrong feature count points at (for the error message)."""
+        parts = [p for p in PARTS if self.modules[p] == module]
+        if got[1 if parts != ["o"] else 0] != want[1 if parts != ["o"] else 0]:
+            return "hidden_size"
+        if parts == ["o"] or parts == ["q"]:
+            return "num_heads and head_dim"
+        if len(parts) == 3:
+            return "fused, num_heads, num_kv_heads and head_dim"
+        return "num_kv_heads and head_dim"
+
+    def _check_config(self, config, where: str) -> None:
+        """The numbers the model's config states must be the layout's (head_dim only where stated)."""
+        stated = {"num_heads": getattr(config, "num_attention_heads", None),
+                  "hidden_size": getattr(config, "hidden_size", None),
+                  "head_dim": getattr(config, "head_dim", None)}
+        wrong = {k: v for k, v in stated.items() if is_index(v) and v != getattr(self, k)}
+        if wrong:
+            raise LayoutError(f"The layout has {', '.join(f'{k}={getattr(self, k)}' for k in wrong)} but the config "
+                              f"of {where} says {', '.join(f'{k}={v}' for k, v in wrong.items())}: fix the layout's "
+                              f"{' and '.join(wrong)}.")
+
     def locate(self, key: str, parts) -> tuple[int, str] | None:
         """Map a full module name to ``(layer_index, module_path)`` if it holds one of ``parts``, else None."""
         for module in self.module_names(parts):
@@ -202,3 +328,37 @@ class HeadLayout:
             if m:
                 return int(m.group(1)), module
         return None
+
+
+_LAYOUT_KEYS = ["model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "layers",
+                "modules", "fused", "transposed"]
+_LAYOUT_DEFAULTS = {"fused": None, "transposed": False}
+_INT_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")
+
+
+def resolve_layout(recorded, model_config) -> HeadLayout:
+    """The one layout resolution used by the live model, the scorers and the file merge.
+
+    ``recorded``: a layout passed by the user or saved with an adapter (HeadLayout, dict or None);
+    ``model_config``: the model's transformers config. For an architecture in :data:`ARCHITECTURES` a recorded
+    layout must equal the derived one in every field but ``model_type``; for any other architecture the recorded
+    layout is required. The result still has to pass :meth:`HeadLayout.check_model` against the real modules.
+    """
+    recorded = None if recorded is None else HeadLayout.coerce(recorded)
+    try:
+        derived = HeadLayout.from_model_config(model_config)
+    except LayoutError:
+        if recorded is None:
+            raise
+        return recorded
+    if recorded is None:
+        return derived
+    mine, theirs = recorded.to_dict(), derived.to_dict()
+    differ = [k for k in mine if k != "model_type" and mine[k] != theirs[k]]
+    if differ:
+        raise LayoutError(f"The layout (recorded with the adapter or passed in the config) was made for "
+                          f"{recorded.model_type} attention shaped "
+                          f"{ {k: mine[k] for k in differ} } but this {derived.model_type} model has "
+                          f"{ {k: theirs[k] for k in differ} }: load the adapter onto the base model it was trained "
+                          f"on; for a built-in architecture leave layout unset.")
+    return recorded

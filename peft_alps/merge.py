@@ -52,10 +52,11 @@ from typing import Optional, Union
 
 import torch
 
-from .config import _normalise_heads
+from .config import normalise_heads
 from .fileio import umask
+from .integrity import IntegrityError, check_file, check_fingerprint, fingerprint, sketch
 from .layer import merged_slice
-from .layout import HeadLayout, LayoutError, check_parts
+from .layout import HeadLayout, LayoutError, check_parts, resolve_layout
 from .localize import _find as find_name
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -258,6 +259,7 @@ def _copy_cast(src, dst, shard: _Shard, entry: _Entry, out_dtype: torch.dtype) -
 @dataclass
 class _Edit:
     key: str  # adapter tensor name
+    module_tensor: str  # "<module>.weight|bias" as the adapter's base fingerprint names it ("" for whole tensors)
     dim: Optional[int]  # stored dim the channels index; None: replace the whole tensor (modules_to_save)
     channels: list
     transposed: bool = False  # the delta is in the nn.Linear frame, the stored weight is [in, out]
@@ -274,6 +276,8 @@ class _Plan:
     adapter_shard: _Shard
     out_code: Optional[str]  # safetensors dtype code to cast floating tensors to, or None
     base_config: dict
+    fingerprint: Optional[dict] = None  # the base fingerprint recorded with the adapter
+    sketches: dict = field(default_factory=dict)  # the same, of this base's slices, filled while merging
 
 
 def _dtype_code(dtype) -> Optional[str]:
@@ -306,8 +310,9 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _base_layout(base: Path, recorded: Optional[HeadLayout], adapter: Path) -> HeadLayout:
-    """The adapter's layout, checked against the base config's (shape and module names)."""
+def _base_layout(base: Path, recorded: Optional[HeadLayout], adapter: Path, shards: dict) -> HeadLayout:
+    """The adapter's layout, resolved and checked against the base's config and tensor shapes exactly as
+    ``get_peft_model`` / ``PeftModel.from_pretrained`` check it against a loaded model."""
     import transformers
     from transformers import AutoConfig
 
@@ -320,24 +325,14 @@ def _base_layout(base: Path, recorded: Optional[HeadLayout], adapter: Path) -> H
     finally:
         transformers.logging.set_verbosity(verbosity)
     try:
-        derived = HeadLayout.from_model_config(config)
-    except LayoutError:
-        if recorded is None:
-            raise MergeError(f"the adapter records no layout and peft_alps does not know the attention layout of "
-                             f"base model_type={getattr(config, 'model_type', None)!r}.") from None
-        return recorded  # a custom layout for an architecture peft_alps does not know
-    if recorded is None:
-        return derived
-    if recorded.shape_key() != derived.shape_key():
-        raise MergeError(f"adapter {adapter} was made for {recorded.model_type} attention shaped "
-                         f"{recorded.shape_key()} but base {base} is {derived.model_type} shaped "
-                         f"{derived.shape_key()}: merge it into the base model it was trained on.")
-    same = ("layers", "modules", "fused", "transposed")
-    if any(getattr(recorded, k) != getattr(derived, k) for k in same):
-        raise MergeError(f"adapter {adapter} was made for the {recorded.model_type} attention layout "
-                         f"{ {k: getattr(recorded, k) for k in same} } but base {base} is {derived.model_type} "
-                         f"with { {k: getattr(derived, k) for k in same} }.")
-    return recorded
+        layout = resolve_layout(recorded, config)
+        shapes = {e.name.removesuffix(".weight"): e.shape[::-1] if layout.transposed else e.shape
+                  for shard in shards.values() for e in shard.entries.values()
+                  if e.name.endswith(".weight") and len(e.shape) == 2}
+        layout.check_model(shapes, config, where=f"base {base}")
+    except LayoutError as e:
+        raise MergeError(f"adapter {adapter} does not fit base {base}: {e}") from None
+    return layout
 
 
 def _read_base(base: Path):
@@ -371,7 +366,7 @@ def _read_base(base: Path):
                      + ".")
 
 
-def _plan(base_dir, adapter_dir, dtype) -> _Plan:
+def _plan(base_dir, adapter_dir, dtype, force: bool = False) -> _Plan:
     """Read and validate every input; raise MergeError before anything is written."""
     out_code = _dtype_code(dtype)
     base, adapter = Path(base_dir), Path(adapter_dir)
@@ -384,19 +379,23 @@ def _plan(base_dir, adapter_dir, dtype) -> _Plan:
     if cfg.get("peft_type") != "HEADMASK":
         raise MergeError(f"{adapter} holds a {cfg.get('peft_type')!r} adapter, not a HEADMASK (peft_alps) adapter.")
     try:
-        heads, parts = _normalise_heads(cfg.get("heads")), check_parts(cfg.get("parts") or ())
+        heads, parts = normalise_heads(cfg.get("heads")), check_parts(cfg.get("parts") or ())
         recorded = HeadLayout.from_dict(cfg["layout"]) if cfg.get("layout") else None
     except (ValueError, TypeError) as e:
         raise MergeError(f"{adapter / ADAPTER_CONFIG}: {e}") from None
     base_config = _read_json(base / "config.json", "base config")
-    layout = _base_layout(base, recorded, adapter)
     index, shards = _read_base(base)
+    layout = _base_layout(base, recorded, adapter, shards)
     where = {name: file for file, shard in shards.items() for name in shard.entries}  # tensor -> shard file
 
     adapter_file = adapter / ADAPTER_WEIGHTS
     if not adapter_file.is_file():
         raise MergeError(f"adapter {adapter} has no {ADAPTER_WEIGHTS}.")
     adapter_shard = read_header(adapter_file)  # validated like the base shards
+    try:
+        check_file(adapter_file, force=force)
+    except IntegrityError as e:
+        raise MergeError(str(e)) from None
     bad_layers = [layer for layer in heads if layer >= layout.num_layers]
     bad_heads = [layer for layer, hs in heads.items() if hs[-1] >= layout.num_heads]
     if bad_layers or bad_heads:
@@ -437,14 +436,15 @@ def _plan(base_dir, adapter_dir, dtype) -> _Plan:
             if channels[-1] >= limit or entry.shape != want:
                 raise MergeError(f"adapter tensor {key} has shape {list(entry.shape)} but base {target} "
                                  f"({list(shape)}) needs {list(want)} for heads {heads[layer]} of layer {layer}.")
-            edit = _Edit(key, stored_dim, channels, transposed=layout.transposed and not is_bias)
+            edit = _Edit(key, f"{module_name}.{'bias' if is_bias else 'weight'}", stored_dim, channels,
+                         transposed=layout.transposed and not is_bias)
         else:  # modules_to_save: a whole tensor replaced
             target = _find(where, name, f"base {base} (for the adapter's modules_to_save tensor {key})")
             shape = shards[where[target]].entries[target].shape
             if entry.shape != shape:
                 raise MergeError(f"adapter tensor {key} has shape {list(entry.shape)} but base {target} has "
                                  f"{list(shape)}.")
-            edit = _Edit(key, None, [])
+            edit = _Edit(key, "", None, [])
         base_entry = shards[where[target]].entries[target]
         if base_entry.dtype not in FLOAT_CODES:
             raise MergeError(f"base tensor {target} has dtype {base_entry.dtype}; cannot merge into it.")
@@ -455,7 +455,8 @@ def _plan(base_dir, adapter_dir, dtype) -> _Plan:
     if missing:
         raise MergeError(f"adapter {adapter_file} has no delta for (layer, module) {missing[:4]} although its "
                          f"config selects them.")
-    return _Plan(base, adapter, index, shards, edits, adapter_file, adapter_shard, out_code, base_config)
+    return _Plan(base, adapter, index, shards, edits, adapter_file, adapter_shard, out_code, base_config,
+                 cfg.get("base_fingerprint"))
 
 
 # ----- writing -----
@@ -480,8 +481,9 @@ def _out_entries(shard: _Shard, out_code: Optional[str]):
     return len(raw).to_bytes(8, "little") + raw, rows
 
 
-def _apply(t: torch.Tensor, edits, adapter, adapter_shard: _Shard) -> torch.Tensor:
-    """``t`` with the adapter's slices merged in (in place), exactly as ``HeadMaskLayer.merge``."""
+def _apply(t: torch.Tensor, edits, adapter, adapter_shard: _Shard, sketches: dict) -> torch.Tensor:
+    """``t`` with the adapter's slices merged in (in place), exactly as ``HeadMaskLayer.merge``; the base
+    slices' fingerprint sketches go into ``sketches``."""
     for edit in edits:
         value = _decode(adapter, adapter_shard, adapter_shard.entries[edit.key])  # one delta in memory at a time
         if edit.dim is None:
@@ -493,7 +495,9 @@ def _apply(t: torch.Tensor, edits, adapter, adapter_shard: _Shard) -> torch.Tens
         if edit.transposed:
             delta = delta.t()
         idx = torch.tensor(edit.channels, dtype=torch.long)
-        t.index_copy_(edit.dim, idx, merged_slice(t.index_select(edit.dim, idx), delta))
+        base_slice = t.index_select(edit.dim, idx)
+        sketches[edit.module_tensor] = sketch(base_slice.t() if edit.transposed else base_slice)
+        t.index_copy_(edit.dim, idx, merged_slice(base_slice, delta))
     return t
 
 
@@ -514,7 +518,8 @@ def _write_shard(shard: _Shard, out_path: Path, plan: _Plan, adapter, counts: di
             out_dtype = _DTYPES[code][0] if code != entry.dtype else None
             if entry.name in plan.edits:
                 flush()
-                t = _apply(_read_tensor(src, shard, entry), plan.edits[entry.name], adapter, plan.adapter_shard)
+                t = _apply(_read_tensor(src, shard, entry), plan.edits[entry.name], adapter, plan.adapter_shard,
+                           plan.sketches)
                 _write_all(dst, _tensor_bytes(t if out_dtype is None else t.to(out_dtype)))
                 counts["changed"] += 1
                 counts["deltas"] += len(plan.edits[entry.name])
@@ -556,10 +561,11 @@ def _out_sizes(shard: _Shard, out_code: Optional[str]) -> tuple[int, int]:
     return len(header), sum(e.nbytes if c == e.dtype else math.prod(e.shape) * _DTYPES[c][1] for e, c, _ in rows)
 
 
-def merge_checkpoint_report(base_dir, adapter_dir, out_dir, dtype=None, overwrite: bool = False) -> MergeReport:
+def merge_checkpoint_report(base_dir, adapter_dir, out_dir, dtype=None, overwrite: bool = False,
+                            force: bool = False) -> MergeReport:
     """:func:`merge_checkpoint`, returning a :class:`MergeReport` of what was written."""
     t0 = time.perf_counter()
-    plan = _plan(base_dir, adapter_dir, dtype)
+    plan = _plan(base_dir, adapter_dir, dtype, force)
     out = Path(out_dir)
     _check_out(out, plan, overwrite)
     parent = out.absolute().parent
@@ -578,6 +584,11 @@ def merge_checkpoint_report(base_dir, adapter_dir, out_dir, dtype=None, overwrit
         with open(plan.adapter_file, "rb", buffering=0) as adapter, _one_thread():
             for name, shard in plan.shards.items():
                 weight_bytes += _write_shard(shard, stage / name, plan, adapter, counts)
+        try:  # the base slices were read while merging; nothing is in place yet
+            check_fingerprint(plan.fingerprint, fingerprint(plan.sketches, _merge_dtype(plan)),
+                              f"Merging {plan.adapter} into {plan.base}", force=force)
+        except IntegrityError as e:
+            raise MergeError(str(e)) from None
         weights = set(plan.shards) | {INDEX_NAME}
         if plan.index is not None:
             if plan.out_code is None:
@@ -615,6 +626,13 @@ def merge_checkpoint_report(base_dir, adapter_dir, out_dir, dtype=None, overwrit
                        seconds=time.perf_counter() - t0)
 
 
+def _merge_dtype(plan: _Plan) -> torch.dtype:
+    """The dtype of the base tensors the adapter changes (the first one's)."""
+    name = next(iter(plan.edits), None)
+    shard = next((s for s in plan.shards.values() if name in s.entries), None)
+    return _DTYPES[shard.entries[name].dtype][0] if shard is not None else torch.float32
+
+
 @contextlib.contextmanager
 def _one_thread():
     """Run the slice arithmetic on one thread: the slices are small, and on a busy machine torch's thread pool
@@ -646,7 +664,8 @@ def _move_into_place(stage: Path, out: Path) -> None:
 
 
 def merge_checkpoint(base_dir: Union[str, os.PathLike], adapter_dir: Union[str, os.PathLike],
-                     out_dir: Union[str, os.PathLike], dtype=None, overwrite: bool = False) -> Path:
+                     out_dir: Union[str, os.PathLike], dtype=None, overwrite: bool = False,
+                     force: bool = False) -> Path:
     """Merge the HEADMASK adapter in ``adapter_dir`` into the checkpoint in ``base_dir``, file to file.
 
     Writes a standard transformers checkpoint to ``out_dir`` (loads without peft_alps): the base's
@@ -657,9 +676,13 @@ def merge_checkpoint(base_dir: Union[str, os.PathLike], adapter_dir: Union[str, 
     ``dtype``: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or the torch dtype) to cast the floating tensors
     on output (merged in the base dtype first; config.json's dtype is updated), None to keep them.
     ``overwrite``: replace a non-empty ``out_dir`` (it is swapped out only when the new one is complete).
+    ``force``: merge even if the adapter file fails its checksum or the base's slices differ from the base
+    fingerprint recorded with the adapter (:mod:`peft_alps.integrity`); without it either is a MergeError and
+    nothing is written.
 
     Everything is validated first (HEADMASK adapter, layout matching the base config, every delta mapping to
     exactly one base tensor of the right shape, base safetensors intact, ``out_dir`` usable); a
     :class:`MergeError` (a ValueError) names the problem and nothing is written. Returns ``out_dir`` as a Path.
     """
-    return merge_checkpoint_report(base_dir, adapter_dir, out_dir, dtype=dtype, overwrite=overwrite).out
+    return merge_checkpoint_report(base_dir, adapter_dir, out_dir, dtype=dtype, overwrite=overwrite,
+                                   force=force).out

@@ -2,37 +2,46 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
+from transformers.pytorch_utils import Conv1D
 
 from .config import HeadMaskConfig
 from .layer import HeadMaskLayer, Linear
-from .layout import HeadLayout, LayoutError
+from .integrity import check_fingerprint, fingerprint, sketch
+from .layout import HeadLayout, resolve_layout
+from .loading import BIAS, DELTA, PREFIX, expect_complete_loads
 
 
-def resolve_layout(config: HeadMaskConfig, model: nn.Module) -> HeadLayout:
-    """The layout derived from ``model``, checked against the one recorded in ``config`` (if any)."""
-    model_config = getattr(model, "config", None)
-    recorded = HeadLayout.from_dict(config.layout) if config.layout else None
-    try:
-        derived = HeadLayout.from_model_config(model_config)
-    except LayoutError:
-        if recorded is None:
-            raise
-        return recorded  # custom layout for an architecture peft_alps does not know
-    if recorded is not None and recorded.shape_key() != derived.shape_key():
-        raise LayoutError(
-            f"This adapter was made for attention shaped {recorded.shape_key()} but the model has "
-            f"{derived.shape_key()}: load it onto the base model it was trained on."
-        )
-    return recorded or derived
+def model_layout(config: HeadMaskConfig, model: nn.Module) -> tuple[HeadLayout, dict]:
+    """``(layout, {(layer, module path): full module name})`` of ``model``, checked against its real modules.
+
+    The layout comes from :func:`~peft_alps.layout.resolve_layout` (the one recorded in ``config``, if any,
+    must agree with the model's architecture) and must pass :meth:`HeadLayout.check_model`.
+    """
+    layout = resolve_layout(config.layout, getattr(model, "config", None))
+    return layout, layout.check_model(projection_shapes(model), getattr(model, "config", None))
 
 
-def plan_targets(config: HeadMaskConfig, model: nn.Module, layout: HeadLayout) -> dict[str, tuple[list[int], str]]:
+def projection_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Full module name -> ``(out_features, in_features)`` of every nn.Linear / Conv1D (a wrapped one: its base)."""
+    shapes = {}
+    for name, module in model.named_modules():
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if isinstance(base, (nn.Linear, Conv1D)):
+            in_features, out_features = _get_in_out_features(base)
+            shapes[name] = (out_features, in_features)
+    return shapes
+
+
+def plan_targets(config: HeadMaskConfig, layout: HeadLayout, names: dict) -> dict[str, tuple[list[int], str]]:
     """Full module name -> (channels, dim) for every projection the adapter touches.
 
-    Validates heads against the layout and module shapes; raises before anything is modified.
+    ``names``: :meth:`HeadLayout.check_model`'s ``{(layer, module path): full name}``. Validates heads against
+    the layout; raises before anything is modified.
     """
     bad_layers = [layer for layer in config.heads if layer >= layout.num_layers]
     if bad_layers:
@@ -42,36 +51,82 @@ def plan_targets(config: HeadMaskConfig, model: nn.Module, layout: HeadLayout) -
         if hs[-1] >= layout.num_heads:
             raise ValueError(f"heads[{layer}] = {hs} but each layer has {layout.num_heads} query heads "
                              f"(valid: 0..{layout.num_heads - 1}).")
-    plan = {}
-    for key, module in model.named_modules():
-        found = layout.locate(key, config.parts)
-        if found is None or found[0] not in config.heads:
+    return {names[(layer, path)]: (layout.channels(path, config.parts, hs), layout.slice_dim(path))
+            for layer, hs in config.heads.items() for path in layout.module_names(config.parts)}
+
+
+def check_adapter_name(name) -> None:
+    """Adapter names become parameter keys and, on save, folder names: refuse the ones that cannot be either."""
+    if not isinstance(name, str) or not name or any(c in name for c in "./\\") or name == "__base__":
+        raise ValueError(f"Invalid adapter name {name!r}: use a non-empty name without '.', '/' or '\\\\' (and not "
+                         f"'__base__', which mixed batches use for 'no adapter'), e.g. 'task_a'.")
+
+
+def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Undo a partial injection of ``adapter_name``; unwrap layers left without any adapter."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, HeadMaskLayer):
             continue
-        layer, path = found
-        base = module.get_base_layer() if isinstance(module, HeadMaskLayer) else module
-        dim = layout.slice_dim(path)
-        size = _features(base)[0 if dim == "out" else 1]
-        channels = layout.channels(path, config.parts, config.heads[layer])
-        if channels[-1] >= size:
-            raise LayoutError(f"{key} has {size} {dim}put features but head channels reach {channels[-1]}: the "
-                              f"layout {layout.to_dict()} does not match this model.")
-        plan[key] = (channels, dim)
-    expected = {(layer, m) for layer in config.heads for m in layout.module_names(config.parts)}
-    seen = {layout.locate(k, config.parts) for k in plan}
-    if expected - seen:
-        missing = sorted(expected - seen)[:4]
-        raise LayoutError(f"Could not find the attention module(s) {missing} (layer, path) in the model; the "
-                          f"layout's module names {layout.modules} under '{layout.layers}.N' do not match it.")
-    return plan
+        for attr in (*module.adapter_layer_names, *module.other_param_names):
+            held = getattr(module, attr)
+            if adapter_name in held:
+                del held[adapter_name]
+        if not module.headmask_delta:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
 
 
-def _features(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of an nn.Linear or Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    if type(module).__name__ == "Conv1D":
-        return module.weight.shape[1], module.weight.shape[0]
-    raise TypeError(f"HeadMask can wrap nn.Linear or transformers Conv1D modules, got {type(module).__name__}.")
+def expected_tensors(plan: dict, modules: dict) -> dict[str, tuple[int, ...]]:
+    """Adapter file key (as PEFT saves it) -> shape, for every tensor an adapter with ``plan`` holds."""
+    out = {}
+    for name, (channels, dim) in plan.items():
+        base = modules[name].get_base_layer() if isinstance(modules[name], BaseTunerLayer) else modules[name]
+        in_features, out_features = _get_in_out_features(base)
+        out[f"{PREFIX}{name}.{DELTA}"] = (len(channels), in_features) if dim == "out" else (out_features, len(channels))
+        if dim == "out" and base.bias is not None:
+            out[f"{PREFIX}{name}.{BIAS}"] = (len(channels),)
+    return out
+
+
+def check_weights_file(path, expected: dict) -> None:
+    """The adapter file must be sound and hold exactly the head tensors ``expected`` (key -> shape) names;
+    ValueError naming the file and the tensor otherwise. Other tensors (``modules_to_save``) are PEFT's."""
+    from .integrity import check_file
+    from .merge import MergeError, read_header
+
+    try:
+        entries = read_header(Path(path)).entries
+    except MergeError as e:
+        raise ValueError(f"Cannot load the head-mask adapter: {e} Nothing was modified.") from None
+    held = {k: tuple(e.shape) for k, e in entries.items() if k.endswith((f".{DELTA}", f".{BIAS}"))}
+    problem = next((f"holds {k} {list(shape)}, which its adapter_config.json does not select"
+                    for k, shape in held.items() if k not in expected), None) \
+        or next((f"has no tensor {k} although its adapter_config.json selects it" for k in expected if k not in held),
+                None) \
+        or next((f"holds {k} with shape {list(held[k])}; its adapter_config.json implies {list(shape)}"
+                 for k, shape in expected.items() if held[k] != shape), None)
+    if problem:
+        raise ValueError(f"The adapter weights {path} {problem}: the config and the weights do not belong together "
+                         f"(edited or mixed up). Nothing was modified.")
+    check_file(path, warn=True)
+
+
+def base_fingerprint(plan: dict, modules: dict) -> dict | None:
+    """:func:`peft_alps.integrity.fingerprint` of the base slices ``plan`` selects, keyed ``<module>.weight`` /
+    ``<module>.bias``; None if a weight is not a real floating-point tensor (meta device, quantized)."""
+    sketches, dtype = {}, None
+    for name, (channels, dim) in plan.items():
+        base = modules[name].get_base_layer() if isinstance(modules[name], BaseTunerLayer) else modules[name]
+        weight = base.weight
+        if not weight.is_floating_point() or weight.device.type == "meta":
+            return None
+        idx = torch.tensor(channels, device=weight.device)
+        linear = weight.t() if isinstance(base, Conv1D) else weight
+        sketches[f"{name}.weight"] = sketch(linear.index_select(0 if dim == "out" else 1, idx))
+        if dim == "out" and base.bias is not None:
+            sketches[f"{name}.bias"] = sketch(base.bias.index_select(0, idx))
+        dtype = weight.dtype
+    return fingerprint(sketches, dtype)
 
 
 class HeadMaskModel(BaseTuner):
@@ -91,10 +146,33 @@ class HeadMaskModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config, model_config):
         return peft_config  # target modules are resolved from the layout in _prepare_model
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """PEFT's injection, with the adapter name checked first and a failed injection undone: the model keeps
+        the adapters it had (no module holds a part of ``adapter_name``, no wrapper is left without adapters)."""
+        check_adapter_name(adapter_name)
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+        except BaseException:
+            _remove_adapter(model, adapter_name)
+            raise
+        expect_complete_loads(model)
+
     def _prepare_model(self, peft_config: HeadMaskConfig, model: nn.Module) -> None:
-        """Resolve layout and targets and validate everything before any module is replaced."""
-        layout = resolve_layout(peft_config, model)
-        plan = plan_targets(peft_config, model, layout)
+        """Resolve layout and targets and validate everything before any module is replaced: the layout
+        against the real modules, the adapter weights file (when loading one) against the config, and the base
+        against the fingerprint recorded with the adapter (a warning)."""
+        layout, names = model_layout(peft_config, model)
+        plan = plan_targets(peft_config, layout, names)
+        modules = dict(model.named_modules())
+        weights_file = getattr(peft_config, "_weights_file", None)
+        if weights_file is not None:
+            check_weights_file(weights_file, expected_tensors(plan, modules))
+        current = base_fingerprint(plan, modules)
+        if current is not None:
+            if peft_config.base_fingerprint is None:
+                peft_config.base_fingerprint = current
+            else:
+                check_fingerprint(peft_config.base_fingerprint, current, "Loading the head-mask adapter", warn=True)
         peft_config.layout = layout.to_dict()
         peft_config.target_modules = sorted(plan)
         self._headmask_plan = plan
@@ -141,3 +219,9 @@ class HeadMaskModel(BaseTuner):
             self._check_finite(adapter_names)
         return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
                                                     adapter_names=adapter_names)
+
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """PEFT's context for ``model(..., adapter_names=[...])``: one adapter per sample (mixed-adapter batch)."""
+        from .mixed_batch import mixed_batch_hooks
+
+        return mixed_batch_hooks(self, *args, **kwargs)

@@ -60,15 +60,19 @@ def _attention_parameters(model, layout: HeadLayout, parts: str) -> dict[str, to
 
 
 def probe_task_model(model, data, steps: int = 50, lr: float = 1e-4, attention_only: bool = True,
-                     weight_decay: float = 0.0, loss_fn=None, progress: bool = False) -> ProbeWeights:
+                     weight_decay: float = 0.0, loss_fn=None, progress: bool = False, layout=None) -> ProbeWeights:
     """Fine-tune ``model`` for ``steps`` AdamW steps on ``data``; return its trained q/k/v weights and put
     the model back as it was (weights, ``requires_grad`` flags, train/eval mode), also on error.
 
-    ``model``: a transformers model of an architecture :class:`~peft_alps.layout.HeadLayout` supports.
-    ``data``: a non-empty list of batches (dicts for ``model(**batch)``; see
-    :func:`peft_alps.data.text_batches`), cycled in order. ``loss_fn(model, batch) -> scalar`` replaces
-    ``model(**batch).loss``. ``attention_only=True`` trains the q/k/v/o projections only (the paper's
-    cheap probe); ``False`` trains every parameter.
+    ``model``: a transformers model of an architecture :class:`~peft_alps.layout.HeadLayout` supports, or
+    of any architecture with ``layout`` given. ``data``: a non-empty list of batches (dicts for
+    ``model(**batch)``; see :func:`peft_alps.data.text_batches`), cycled in order.
+    ``loss_fn(model, batch) -> scalar`` replaces ``model(**batch).loss``. ``attention_only=True`` trains the
+    q/k/v/o projections only (the paper's cheap probe); ``False`` trains every parameter.
+    ``layout``: as in :func:`~peft_alps.localize.score_heads` (``None``: from ``model.config``; else a
+    HeadLayout or its dict, checked against the config's layout if there is one and against the module
+    shapes). It names the q/k/v/o weights; pass the same ``layout`` to ``score_heads`` with the result
+    (``ProbeWeights`` does not record it).
     """
     if hasattr(model, "get_base_model"):
         raise TypeError("probe_task_model needs the plain transformers model, not a PeftModel: pass "
@@ -78,7 +82,12 @@ def probe_task_model(model, data, steps: int = 50, lr: float = 1e-4, attention_o
     data = list(data)
     if not data:
         raise ValueError("data is empty: pass a list of batches (peft_alps.data.text_batches makes them).")
-    layout = HeadLayout.from_model_config(model.config)
+    from .localize import _ModuleSource, check_layout_fits, resolve_layout  # localize imports this module
+
+    given = layout is not None
+    layout = resolve_layout(getattr(model, "config", None), layout, "probe_task_model")
+    if given:
+        check_layout_fits(layout, _ModuleSource(model).shape)
     scored = _attention_parameters(model, layout, "qkv")
     trained = _attention_parameters(model, layout, "qkvo") if attention_only else dict(model.named_parameters())
     if not scored:

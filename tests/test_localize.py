@@ -13,15 +13,18 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.torch
+import scipy.spatial.distance
+import scipy.special
 import scipy.stats
 import torch
 import transformers as tf
 from peft import get_peft_model
 
 import peft_alps
-from peft_alps import HeadMaskConfig, HeadScores, score_heads
+from peft_alps import HeadLayout, HeadMaskConfig, HeadScores, LayoutError, score_heads, select_heads
 from peft_alps import localize
 from peft_alps.localize import METRICS, REPRESENTATIONS
+from peft_alps.probe import probe_task_model
 
 from conftest import ARCH_NAMES, ARCHS, _DEC, block_module, head_mask, linear_frame, make_model
 
@@ -258,3 +261,212 @@ def test_head_scores_save_load_round_trip(tmp_path):
 def test_top_orders_by_score_then_layer_then_head():
     s = HeadScores(torch.tensor([[0.1, 0.5], [0.5, 0.2]]), "pad", "product", 1.0, {}, {})
     assert s.top(3) == [(0, 1, 0.5), (1, 0, 0.5), (1, 1, pytest.approx(0.2))]
+
+
+# ----- 6. zero probabilities (softmax underflow at small tau) -----
+ZERO_CASES = {  # name: (p, q), each a probability vector with exact zeros
+    "zeros in p only": ([0.0, 0.2, 0.3, 0.5, 0.0], [0.1, 0.2, 0.3, 0.3, 0.1]),
+    "zeros in q only": ([0.1, 0.2, 0.3, 0.3, 0.1], [0.0, 0.2, 0.3, 0.5, 0.0]),
+    "zeros in both, same places": ([0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.3, 0.0, 0.7, 0.0]),
+    "zeros in both, other places": ([0.0, 0.5, 0.25, 0.25, 0.0], [0.5, 0.5, 0.0, 0.0, 0.0]),
+}
+
+
+def scipy_kl(p, q):
+    return float(scipy.special.rel_entr(p, q).sum())  # 0 log(0/q) = 0; +inf where q_i = 0 < p_i
+
+
+def scipy_js(p, q):
+    # scipy's jensenshannon is the square root of 0.5 KL(P||M) + 0.5 KL(Q||M) (natural log by default):
+    # squared, it is the definition distance() uses
+    js = scipy.spatial.distance.jensenshannon(p, q) ** 2
+    m = (np.asarray(p) + np.asarray(q)) / 2
+    assert js == pytest.approx(0.5 * scipy_kl(p, m) + 0.5 * scipy_kl(q, m), rel=1e-12, abs=1e-15)
+    return js
+
+
+@pytest.mark.parametrize("case", ZERO_CASES)
+def test_kl_and_js_with_zero_entries_match_scipy(case):
+    p, q = (torch.tensor(v, dtype=torch.float64) for v in ZERO_CASES[case])
+    kl, js = localize.distance(p, q, "kl"), localize.distance(p, q, "js")
+    want_kl, want_js = scipy_kl(p.numpy(), q.numpy()), scipy_js(p.numpy(), q.numpy())
+    assert not torch.isnan(kl) and not torch.isnan(js)
+    assert (kl.item() == want_kl == float("inf")) if case in ("zeros in q only", "zeros in both, other places") \
+        else kl.item() == pytest.approx(want_kl, rel=1e-12)
+    assert js.item() == pytest.approx(want_js, rel=1e-12) and 0 < js.item() <= np.log(2)
+    # batched [B, N] with all cases at once gives the same rows
+    ps, qs = (torch.tensor([c[i] for c in ZERO_CASES.values()], dtype=torch.float64) for i in (0, 1))
+    row = list(ZERO_CASES).index(case)
+    assert localize.distance(ps, qs, "kl")[row].item() == kl.item()
+    assert localize.distance(ps, qs, "js")[row].item() == js.item()
+
+
+def test_identical_inputs_with_zeros_are_exactly_zero_for_every_metric():
+    p = torch.tensor([[0.0, 0.25, 0.0, 0.75], [0.5, 0.0, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0],
+                      [5e-324, 1e-300, 0.0, 1.0]], dtype=torch.float64)  # the last row: subnormal and tiny entries
+    for metric in METRICS:
+        got = localize.distance(p, p.clone(), metric)
+        assert (got == 0).all(), (metric, got)
+        assert (localize.distance(p.clone(), p.clone(), metric, overwrite=True) == 0).all(), metric
+
+
+def test_js_is_finite_for_subnormal_against_zero():
+    # p_0 is the smallest subnormal: (p_0 + q_0) / 2 rounds to 0, a naive M = (P + Q) / 2 would give inf
+    p = torch.tensor([5e-324, 1.0], dtype=torch.float64)
+    q = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    js = localize.distance(p, q, "js").item()
+    assert 0 <= js <= np.log(2) and np.isfinite(js)
+    assert localize.distance(p, q, "kl").item() == float("inf")
+
+
+@pytest.mark.parametrize("representation", REPRESENTATIONS)
+def test_tiny_tau_scores_have_no_nan_and_self_scores_are_zero(representation):
+    base = make_model("llama", 0)
+    nearby = copy.deepcopy(base)  # overlapping distributions: finite and infinite KL, JS below log 2
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, w in nearby.named_parameters():
+            if "self_attn" in name:
+                w.add_(1e-4 * torch.randn(w.shape, generator=g))
+    # weights ~ N(0, 0.02), head vectors span ~0.002 (product) / ~0.14 (concat): at these tau over a quarter of
+    # the softmax entries underflow to exactly 0 (real models get there at tau ~ 0.3 / 0.01)
+    tau = {"product": 1e-6, "concat": 1e-4}[representation]
+    for task in (make_model("llama", 1), nearby):
+        dists = [(softmax(ref_vector(base, "llama", 0, h, representation) / tau),
+                  softmax(ref_vector(task, "llama", 0, h, representation) / tau)) for h in range(4)]
+        assert all((p == 0).mean() > 0.25 and (q == 0).mean() > 0.25 for p, q in dists)  # the case under test
+        got = {metric: score_heads(base, task, metric, representation, tau=tau).scores for metric in METRICS}
+        for metric, s in got.items():
+            assert not torch.isnan(s).any(), metric
+            assert (s >= 0).all(), metric  # kl may be +inf (some q_i == 0 < p_i), never NaN
+        # the product is computed in float32: at tau 1e-6 its rounding moves the logits by ~1e-4, so only
+        # concat (exact float32 weights, no arithmetic) is compared with the float64 reference
+        for head, (p, q) in enumerate(dists if representation == "concat" else []):
+            assert got["kl"][0, head].item() == pytest.approx(scipy_kl(p, q), rel=1e-5, abs=1e-15)  # inf or finite
+            # scipy's M = (P + Q) / 2 rounds a subnormal p_i > 0 = q_i to m_i = 0 (JS = inf): flush subnormals
+            # to 0 for the reference, which moves JS by < 1e-300
+            flush = [np.where(x < np.finfo(np.float64).tiny, 0.0, x) for x in (p, q)]
+            assert got["js"][0, head].item() == pytest.approx(scipy_js(*flush), rel=1e-5, abs=1e-15)
+    # the last task was `nearby`: both kinds of KL occur, and JS is not saturated at log 2
+    assert torch.isinf(got["kl"]).any() and torch.isfinite(got["kl"]).any() and (got["js"] < 0.5).all()
+    for metric in METRICS:  # the base scored against itself (same object, or a copy): exactly 0
+        for other in (base, copy.deepcopy(base)):
+            assert (score_heads(base, other, metric, representation, tau=tau).scores == 0).all(), metric
+
+
+def test_infinite_scores_rank_first_and_nan_is_refused(tmp_path):
+    inf = float("inf")
+    s = HeadScores(torch.tensor([[0.1, inf], [inf, 0.2]]), "kl", "product", 0.01, {}, {})
+    assert s.top(3) == [(0, 1, inf), (1, 0, inf), (1, 1, pytest.approx(0.2))]
+    assert select_heads(s, 0.5) == {0: [1], 1: [0]}
+    assert select_heads(s, 0.5, per_layer=True) == {0: [1], 1: [0]}
+    s.save(tmp_path / "scores.json")  # JSON has no inf: Python's json writes Infinity and reads it back
+    assert torch.equal(HeadScores.load(tmp_path / "scores.json").scores, s.scores)
+    nan = HeadScores(torch.tensor([[0.1, float("nan")], [inf, 0.2]]), "kl", "product", 0.01, {}, {})
+    with pytest.raises(ValueError, match="NaN"):
+        nan.top(1)
+    with pytest.raises(ValueError, match="NaN"):
+        select_heads(nan, 0.5)
+
+
+# ----- 7. custom layout (an architecture peft_alps has no built-in layout for) -----
+OPT_LAYOUT = dict(model_type="opt", num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, hidden_size=64,
+                  layers="layers", modules={"q": "self_attn.q_proj", "k": "self_attn.k_proj",
+                                            "v": "self_attn.v_proj", "o": "self_attn.out_proj"})
+
+
+def make_opt(seed=0):
+    torch.manual_seed(seed)
+    config = tf.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
+                          word_embed_proj_dim=64)
+    return tf.OPTForCausalLM(config).eval()
+
+
+def opt_head_vector(model, layer, head, representation):
+    """A head's representation built by hand from OPT's q/k/v nn.Linear rows (no layout code)."""
+    attn = model.model.decoder.layers[layer].self_attn
+    rows = [m.weight.detach()[head * 16:(head + 1) * 16].double().numpy() for m in
+            (attn.q_proj, attn.k_proj, attn.v_proj)]  # [d_head, d_model] each
+    if representation == "concat":
+        return np.concatenate([r.reshape(-1) for r in rows])
+    wq, wk, wv = (r.T for r in rows)  # x @ W frame [d_model, d_head]
+    return (wq @ wk.T @ wv).reshape(-1)
+
+
+def wrong_layouts():
+    """(layout dict, error pattern) pairs that do not fit the 2-layer 4 x 16 OPT model.
+
+    num_heads=8, head_dim=8 has exactly the same q/k/v/o sizes as 4 x 16: no shape check can catch it.
+    """
+    q = r"q_proj(\.weight)? has 64"  # module (nn.Module input) or tensor name (checkpoint)
+    return [({**OPT_LAYOUT, "head_dim": 32}, q + r" output features.*head_dim=32"),
+            ({**OPT_LAYOUT, "num_heads": 8, "num_kv_heads": 8}, q + r" output features.*num_heads=8"),
+            ({**OPT_LAYOUT, "hidden_size": 32}, q + r" input features.*hidden_size=32"),
+            ({**OPT_LAYOUT, "num_heads": 2, "num_kv_heads": 2},
+             r"out_proj(\.weight)? has 64 input features.*num_heads \* head_dim = 2 \* 16"),
+            ({**OPT_LAYOUT, "num_layers": 3}, r"layers\.2\.self_attn\.q_proj.*num_layers=3"),
+            ({**OPT_LAYOUT, "num_layers": 1}, r"layers\.1\.self_attn\.q_proj.*num_layers=1"),
+            ({**OPT_LAYOUT, "modules": {**OPT_LAYOUT["modules"], "q": "self_attn.query"}}, r"self_attn\.query"),
+            ({**OPT_LAYOUT, "layers": "h"}, r"h\.0\.self_attn\.q_proj"),
+            ({**OPT_LAYOUT, "bogus": 1}, r"unknown key\(s\) \['bogus'\]")]
+
+
+@pytest.mark.parametrize("representation", REPRESENTATIONS)
+def test_custom_layout_scores_an_unknown_architecture(representation, tmp_path):
+    base, task = make_opt(0), make_opt(1)
+    with pytest.raises(LayoutError, match="model_type='opt'.*layout="):
+        score_heads(base, task)
+    for layout in (OPT_LAYOUT, HeadLayout.from_dict(OPT_LAYOUT)):
+        got = score_heads(base, task, "pad", representation, layout=layout)
+        assert got.layout == HeadLayout.from_dict(OPT_LAYOUT).to_dict()
+        assert got.scores.shape == (2, 4) and (got.scores > 0).all()
+        for layer, head in [(0, 0), (1, 3)]:
+            p = softmax(opt_head_vector(base, layer, head, representation))
+            q = softmax(opt_head_vector(task, layer, head, representation))
+            assert got.scores[layer, head].item() == pytest.approx(ref_distance(p, q, "pad"), rel=1e-6)
+    # checkpoint folders: same layout, same scores
+    base.save_pretrained(tmp_path / "base")
+    task.save_pretrained(tmp_path / "task")
+    from_paths = score_heads(tmp_path / "base", tmp_path / "task", "pad", representation, layout=OPT_LAYOUT)
+    assert torch.equal(from_paths.scores, got.scores) and from_paths.layout == got.layout
+    with pytest.raises(LayoutError):
+        score_heads(tmp_path / "base", tmp_path / "task", layout=None)
+
+
+def test_custom_layout_with_a_probe_fine_tune():
+    base = make_opt(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": ids, "labels": ids} for ids in (torch.randint(2, 128, (2, 12), generator=g)
+                                                             for _ in range(2))]
+    with pytest.raises(LayoutError):
+        probe_task_model(base, batches, steps=2)
+    probe = probe_task_model(base, batches, steps=2, lr=1e-2, layout=OPT_LAYOUT)
+    assert sorted(probe.tensors) == sorted(f"model.decoder.layers.{i}.self_attn.{p}_proj.weight"
+                                           for i in range(2) for p in "qkv")
+    with pytest.raises(LayoutError):
+        score_heads(base, probe)
+    got = score_heads(base, probe, layout=OPT_LAYOUT)
+    assert (got.scores > 0).all() and got.layout == HeadLayout.from_dict(OPT_LAYOUT).to_dict()
+    with pytest.raises(LayoutError, match="head_dim=32"):  # probe weights hold q/k/v only: checked all the same
+        score_heads(base, probe, layout={**OPT_LAYOUT, "head_dim": 32})
+    with pytest.raises(LayoutError, match="head_dim=32"):
+        probe_task_model(base, batches, steps=1, layout={**OPT_LAYOUT, "head_dim": 32})
+
+
+def test_wrong_custom_layout_raises(tmp_path):
+    base, task = make_opt(0), make_opt(1)
+    base.save_pretrained(tmp_path / "base")
+    for layout, match in wrong_layouts():
+        with pytest.raises(LayoutError, match=match):
+            score_heads(base, task, layout=layout)
+        with pytest.raises(LayoutError, match=match):
+            score_heads(tmp_path / "base", task, layout=layout)
+
+
+def test_layout_given_for_a_known_architecture_must_agree():
+    base, task = make_model("llama", 0), make_model("llama", 1)
+    derived = HeadLayout.from_model_config(base.config)
+    assert torch.equal(score_heads(base, task, layout=derived.to_dict()).scores, score_heads(base, task).scores)
+    other = {**derived.to_dict(), "num_heads": 8, "num_kv_heads": 4, "head_dim": 8}  # same q/k/v/o sizes
+    with pytest.raises(LayoutError, match="does not match.*num_heads"):
+        score_heads(base, task, layout=other)
