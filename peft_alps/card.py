@@ -57,7 +57,10 @@ def summarize(folder) -> dict:
     if peft_type != "HEADMASK" or not config.get("heads") or not config.get("layout"):
         raise AdapterError(f"{folder} holds a {peft_type or 'untyped'} adapter, not a peft-alps head-mask "
                            f"(HEADMASK) adapter with heads and layout.")
-    layout = HeadLayout.from_dict(config["layout"])
+    try:
+        layout = HeadLayout.from_dict(config["layout"])
+    except (ValueError, TypeError) as e:  # LayoutError (a ValueError) names the unknown, missing or ill-typed key
+        raise AdapterError(f"{config_file}: {e}") from None
     mapping = config.get("auto_mapping") or {}  # PEFT records the base class when there is no task_type
     base_class = _AUTO_CLASS.get(str(config.get("task_type")).split(".")[-1])
     if base_class is None and str(mapping.get("parent_library", "")).startswith("transformers"):

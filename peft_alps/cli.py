@@ -6,6 +6,10 @@
 Subcommands are registered in ``build_parser``; each is a function
 ``(args) -> exit code``. Errors print one line ``peft-alps: error: ...`` to
 stderr and return 2; nothing is written.
+
+This module imports only the standard library: ``--help``, ``COMMAND --help`` and usage errors are answered
+without loading torch, transformers or peft (``import peft_alps`` is light too, see ``peft_alps/__init__.py``).
+Each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -16,13 +20,11 @@ import json
 import sys
 from pathlib import Path
 
-from .fileio import staged_folder
-from .heatmap import plot_heatmap
-from .localize import METRICS, REPRESENTATIONS, HeadScores, score_heads
-from .probe import probe_task_model
-from .selection import select_heads
-
 PROG = "peft-alps"
+# the choices of peft_alps.localize.METRICS / REPRESENTATIONS (tests/test_cli.py checks they are equal), written out
+# here because peft_alps.localize imports torch
+METRICS = ("pad", "wasserstein", "kl", "js", "cosine", "euclidean")
+REPRESENTATIONS = ("product", "concat")
 
 
 class CLIError(Exception):
@@ -111,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--overwrite")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT_DIR; replaces its "
                    "adapter_config.json and adapter_model.safetensors, leaves other files alone")
+    p.add_argument("--force", action="store_true", help="export even if the adapter weights fail the checksum "
+                   "written when they were saved (modified or corrupted file)")
     p.set_defaults(func=export_lora_command)
 
     m = sub.add_parser(
@@ -132,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast the floating tensors on output, after merging (default: keep the base's dtypes)")
     m.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (swapped in only once the new checkpoint is complete)")
+    m.add_argument("--force", action="store_true", help="merge even if the adapter weights fail their checksum or "
+                   "the base's head slices differ from the base fingerprint recorded with the adapter")
     m.set_defaults(func=merge_command)
 
     i = sub.add_parser(
@@ -193,6 +199,8 @@ def localize(args) -> int:
 
     against = args.task or f"--data {args.data}"
     try:
+        from .selection import select_heads
+
         scores = _score(args)
         heads = select_heads(scores, ratio=args.ratio, per_layer=args.per_layer)
     except (ValueError, OSError, TypeError) as e:  # mismatched/unsupported models, unreadable files, NaN
@@ -209,6 +217,9 @@ def localize(args) -> int:
 
 def _score(args) -> HeadScores:
     """Scores of BASE against TASK, or against a probe / gradients on --data."""
+    from .localize import score_heads
+    from .probe import probe_task_model
+
     progress = sys.stderr.isatty()
     if args.task is not None:
         return score_heads(args.base, args.task, metric=args.metric, representation=args.representation,
@@ -266,6 +277,9 @@ def _heads_json(scores: HeadScores, heads: dict[int, list[int]], args) -> str:
 
 def _write_outputs(out: Path, scores: HeadScores, heads, args, heatmap: bool) -> list[str]:
     """Write every output into a staging folder next to ``out``, then move them in (all or nothing)."""
+    from .fileio import staged_folder
+    from .heatmap import plot_heatmap
+
     with staged_folder(out, stale=() if heatmap else ("heatmap.png",)) as stage:  # a stale heatmap would mislead
         scores.save(stage / "scores.json")
         (stage / "heads.json").write_text(_heads_json(scores, heads, args))
@@ -286,16 +300,16 @@ def _print_top(scores: HeadScores, heads, k: int) -> None:
 
 def export_lora_command(args) -> int:
     """``peft-alps export-lora``: head-mask adapter folder -> stock PEFT LoRA adapter folder."""
-    import warnings
-
-    from .export import describe, export_lora
-
     if not Path(args.adapter).exists():
         raise CLIError(f"ADAPTER_DIR does not exist: {args.adapter}")
+    import warnings
+
+    from .export import describe, export_lora  # loads torch and peft: after the checks that need neither
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PEFT's config warnings; errors are ours
-            export_lora(args.adapter, args.out, overwrite=args.overwrite)
+            export_lora(args.adapter, args.out, overwrite=args.overwrite, force=args.force)
     except (ValueError, OSError) as e:
         raise CLIError(f"cannot export {args.adapter}: {e}") from None
     info = describe(args.out)
@@ -314,7 +328,7 @@ def merge_command(args) -> int:
 
     try:
         report = merge_checkpoint_report(args.base, args.adapter, args.out, dtype=args.dtype,
-                                         overwrite=args.overwrite)
+                                         overwrite=args.overwrite, force=args.force)
     except (ValueError, OSError) as e:  # MergeError (a ValueError) and I/O errors; nothing was written
         raise CLIError(f"cannot merge {args.adapter} into {args.base}: {e}") from None
     cast = f", {report.tensors_cast} cast to {args.dtype}" if args.dtype else ""
@@ -329,14 +343,12 @@ def merge_command(args) -> int:
 
 def inspect_command(args) -> int:
     """``peft-alps inspect``: summary of a saved head-mask adapter (and a heatmap of its selection)."""
-    import torch
-
-    from .card import AdapterError, summarize, summary_lines
-
     if not Path(args.adapter).is_dir():
         raise CLIError(f"ADAPTER_DIR is not a folder: {args.adapter}")
     if args.heatmap and not _have_matplotlib():
         raise CLIError("--heatmap needs matplotlib: pip install 'peft-alps[plot]'")
+    from .card import AdapterError, summarize, summary_lines  # loads torch and peft: after the checks
+
     try:
         info = summarize(args.adapter)
     except AdapterError as e:
@@ -347,6 +359,11 @@ def inspect_command(args) -> int:
         print(f"{args.adapter}: peft_type {info['peft_type']}")
         print("\n".join(summary_lines(info)))
     if args.heatmap:
+        import torch
+
+        from .heatmap import plot_heatmap
+        from .localize import HeadScores
+
         grid = torch.zeros(info["num_layers"], info["num_heads"])
         for layer, hs in info["heads"].items():
             grid[layer, hs] = 1

@@ -84,25 +84,29 @@ class _Slice:
         return out
 
 
-def export_lora(adapter, out_dir, overwrite: bool = False, adapter_name: str = "default") -> Path:
+def export_lora(adapter, out_dir, overwrite: bool = False, adapter_name: str = "default",
+                force: bool = False) -> Path:
     """Write the head-mask adapter ``adapter`` as a stock PEFT LoRA adapter into ``out_dir``; return ``out_dir``.
 
     ``adapter``: a saved head-mask adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``;
-    the base model is not needed) or a ``PeftModel`` holding a HEADMASK adapter named ``adapter_name``.
+    the base model is not needed; a pickle ``adapter_model.bin`` is refused, never loaded) or a ``PeftModel``
+    holding a HEADMASK adapter named ``adapter_name``.
 
     The LoRA adapter loads with ``PeftModel.from_pretrained(base, out_dir)`` without peft_alps installed and
     computes the same outputs (to float rounding; merged weights are equal). Per module ``r`` = number of
     selected channels (``rank_pattern``), ``lora_alpha = r`` (scaling 1), ``lora_dropout = 0``; bias deltas use
     ``lora_bias=True`` (only when some bias delta is non-zero). ``out_dir`` must be missing or empty unless
     ``overwrite`` (then ``adapter_config.json`` and the weights file are replaced, other files left alone).
-    Everything is validated and written into a temporary folder first: on an error nothing is written.
+    Everything is validated and written into a temporary folder first: on an error nothing is written. A folder
+    whose weights fail the checksum stamped at save time (:mod:`peft_alps.integrity`) is refused unless
+    ``force``.
     ``modules_to_save`` (e.g. a trained classification head) are copied. Stock PEFT cannot merge
     ``lora_bias`` into a module without a bias (Qwen2's ``o_proj``); a model export warns about it.
     """
     out = Path(out_dir)
     _check_out_dir(out, overwrite, adapter)
     if isinstance(adapter, (str, os.PathLike)):
-        config, slices, extra = _read_folder(Path(adapter))
+        config, slices, extra = _read_folder(Path(adapter), force)
     else:
         config, slices, extra = _read_model(adapter, adapter_name)
     lora_config, tensors = _to_lora(config, slices, extra)
@@ -133,7 +137,7 @@ def _check_headmask(config: dict, where: str) -> None:
                               f"peft_alps' save_pretrained.")
 
 
-def _read_folder(folder: Path) -> tuple[dict, list[_Slice], dict]:
+def _read_folder(folder: Path, force: bool = False) -> tuple[dict, list[_Slice], dict]:
     if not folder.is_dir():
         raise FileNotFoundError(f"The adapter folder does not exist: {folder}")
     config_file = folder / CONFIG_NAME
@@ -144,22 +148,31 @@ def _read_folder(folder: Path) -> tuple[dict, list[_Slice], dict]:
     except json.JSONDecodeError as e:
         raise ExportError(f"{config_file} is not valid JSON: {e}") from None
     _check_headmask(config, str(folder))
+    try:  # checked before the weights are read; LayoutError (a ValueError) names the bad key
+        layout = HeadLayout.from_dict(config["layout"])
+    except (ValueError, TypeError) as e:
+        raise ExportError(f"{config_file}: {e}") from None
     if (folder / SAFETENSORS_NAME).is_file():
         from safetensors.torch import load_file
 
         from .merge import MergeError, read_header
 
+        from .integrity import IntegrityError, check_file
+
         try:  # a clear error for a truncated or corrupted file (safetensors' own is cryptic)
             read_header(folder / SAFETENSORS_NAME)
-        except MergeError as e:
+            check_file(folder / SAFETENSORS_NAME, force=force)
+        except (MergeError, IntegrityError) as e:
             raise ExportError(str(e)) from None
         state = load_file(folder / SAFETENSORS_NAME)
-    elif (folder / BIN_NAME).is_file():
-        state = torch.load(folder / BIN_NAME, map_location="cpu", weights_only=True)
+    elif (folder / BIN_NAME).is_file():  # a pickle: never loaded here
+        raise ExportError(f"{folder} holds {BIN_NAME} (a pickle file) and no {SAFETENSORS_NAME}: peft-alps reads "
+                          f"only safetensors. Convert it with PEFT: after `import peft_alps`, load it with "
+                          f"PeftModel.from_pretrained(base_model, {str(folder)!r}) and save it with "
+                          f"save_pretrained(new_folder, safe_serialization=True).")
     else:
-        raise ExportError(f"{folder} has no {SAFETENSORS_NAME} (nor {BIN_NAME}).")
+        raise ExportError(f"{folder} has no {SAFETENSORS_NAME}.")
 
-    layout = HeadLayout.from_dict(config["layout"])
     parts = config["parts"]
     heads = {int(k): sorted(v) for k, v in config["heads"].items()}
     deltas, biases, extra = {}, {}, {}

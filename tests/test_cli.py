@@ -3,6 +3,8 @@
 import copy
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +192,137 @@ def test_console_script_help():
     for option in ("--ratio", "--metric", "--representation", "--tau", "--per-layer", "--top", "--out",
                    "--overwrite", "--no-heatmap", "matplotlib", "pad", "wasserstein", "concat"):
         assert option in sub.stdout, option
+
+
+# ----- answering --help and usage errors without loading torch -----
+HEAVY = ("torch", "transformers", "peft", "safetensors")
+
+
+def run_traced(*argv):
+    """Run ``python -X importtime ARGV`` (the real entry point); return (exit code, stdout, stderr without the
+    import-time lines, the heavy top-level packages it imported)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", *map(str, argv)], capture_output=True, text=True,
+                          timeout=120)
+    lines = proc.stderr.splitlines(keepends=True)
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in lines if line.startswith("import time:")}
+    err = "".join(line for line in lines if not line.startswith("import time:"))
+    assert "peft_alps" in imported  # the trace works
+    return proc.returncode, proc.stdout, err, sorted(imported.intersection(HEAVY))
+
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "peft-alps"  # runs `from peft_alps.cli import main`, as installed
+
+
+@pytest.mark.parametrize("entry", ["module", "console script"])
+def test_help_loads_no_torch(entry):
+    start = ["-m", "peft_alps"] if entry == "module" else [CONSOLE_SCRIPT]
+    for argv, says in ((["--help"], "export-lora"), (["merge", "--help"], "--adapter"),
+                       (["localize", "--help"], "--representation")):
+        code, out, err, heavy = run_traced(*start, *argv)
+        assert (code, err, heavy) == (0, "", []) and says in out, (argv, code, err, heavy)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["localize"], "the following arguments are required: BASE, --out"),
+    (["merge", "--base", "b"], "the following arguments are required: --adapter, --out"),
+    (["localize", "a", "b", "--out", "c", "--metric", "l2"], "invalid choice: 'l2'"),
+    ([], "the following arguments are required: COMMAND"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_usage_errors_are_one_line_exit_2_and_load_no_torch(argv, says):
+    for start in (["-m", "peft_alps"], [CONSOLE_SCRIPT]):
+        code, out, err, heavy = run_traced(*start, *argv)
+        assert (code, out, heavy) == (2, "", []), (start, argv, code, out, err, heavy)
+        assert err.startswith("peft-alps: error: ") and err.count("\n") == 1 and says in err, err
+
+
+def test_cli_choices_are_the_library_ones():
+    from peft_alps import localize
+
+    assert (cli.METRICS, cli.REPRESENTATIONS) == (localize.METRICS, localize.REPRESENTATIONS)
+
+
+# ``import peft_alps`` loads no torch and registers HEADMASK when PEFT loads; each case runs in a fresh process
+REGISTERED = """
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import PeftType
+import peft_alps.config, peft_alps.model
+assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.HEADMASK] is peft_alps.config.HeadMaskConfig is peft_alps.HeadMaskConfig
+assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.HEADMASK] is peft_alps.model.HeadMaskModel
+assert not [f for f in sys.meta_path if type(f).__module__ == "peft_alps"]  # the finder has removed itself
+for name, module in list(sys.modules.items()):  # every module keeps its own loader
+    if name == "peft" or name.startswith("peft_alps"):
+        assert type(module.__spec__.loader).__module__ != "peft_alps" and module.__loader__ is module.__spec__.loader
+print("registered")
+"""
+FIRST_USE = {
+    # the model card's snippet: nothing of peft_alps is touched after the import
+    "PeftModel.from_pretrained": """
+import peft_alps
+assert not {"torch", "transformers", "peft"} & set(sys.modules), sorted(sys.modules)
+import transformers
+from peft import PeftModel
+model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(ROOT / "base"), ROOT / "hm")
+assert type(model.peft_config["default"]).__name__ == "HeadMaskConfig"
+""",
+    # a submodule that the registration itself imports (run once, not twice)
+    "from peft_alps.model import": "from peft_alps.model import HeadMaskModel\nimport peft_alps.model as m\n"
+                                   "assert m.HeadMaskModel is HeadMaskModel\n",
+    # a submodule that imports peft_alps.config (which imports peft) before PEFT is loaded
+    "import peft_alps.merge": "import peft_alps.merge\n",
+    "get_peft_model": """
+import peft_alps
+from peft import get_peft_model
+sys.path.insert(0, TESTS)
+from conftest import make_model
+model = get_peft_model(make_model("llama"), peft_alps.HeadMaskConfig(heads={1: [2]}))
+assert type(model.base_model).__name__ == "HeadMaskModel"
+""",
+}
+
+
+@pytest.mark.parametrize("first", list(FIRST_USE))
+def test_import_peft_alps_registers_when_peft_loads(first, adapter):
+    script = (f"import sys\nfrom pathlib import Path\nROOT = Path({str(adapter)!r})\n"
+              f"TESTS = {str(Path(__file__).parent)!r}\n" + FIRST_USE[first] + REGISTERED)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "registered" in proc.stdout, proc.stderr[-3000:]
+
+
+# ----- a bad layout in adapter_config.json: one line, exit 2, for every command that reads it -----
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A saved head-mask adapter of the tiny llama, and that llama as a base checkpoint (for merge)."""
+    from peft import get_peft_model
+
+    root = tmp_path_factory.mktemp("adapter")
+    base = make_model("llama")
+    base.save_pretrained(root / "base")
+    get_peft_model(base, HeadMaskConfig(heads={0: [1], 2: [0, 3]}, init_weights=False)).save_pretrained(root / "hm")
+    return root
+
+
+BAD_LAYOUTS = {  # case -> (change to the recorded layout, regular expression the error must match)
+    "unknown": (lambda lay: lay.update(bogus_key=1), r"unknown key.*'bogus_key'"),
+    "missing": (lambda lay: lay.pop("head_dim"), r"no \['head_dim'\]"),
+    "ill-typed": (lambda lay: lay.update(num_heads="four"), r"num_heads.*four"),
+}
+
+
+@pytest.mark.parametrize("command", ["inspect", "export-lora", "merge"])
+@pytest.mark.parametrize("case", list(BAD_LAYOUTS))
+def test_a_bad_layout_is_one_line_and_exit_2(command, case, adapter, tmp_path, capsys):
+    folder = tmp_path / "hm"
+    shutil.copytree(adapter / "hm", folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    change, pattern = BAD_LAYOUTS[case]
+    change(config["layout"])
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    argv = {"inspect": ["inspect", folder], "export-lora": ["export-lora", folder, out],
+            "merge": ["merge", "--base", adapter / "base", "--adapter", folder, "--out", out]}[command]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 2 and stdout == "", (code, stdout, err)
+    assert err.startswith("peft-alps: error:") and err.count("\n") == 1, err
+    assert re.search(pattern, err), err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hm"]  # nothing written

@@ -368,6 +368,26 @@ def test_inconsistent_or_broken_adapters(tmp_path):
     assert not (tmp_path / "out").exists() and _no_leftovers(tmp_path)
 
 
+def test_a_pickle_bin_adapter_is_refused_unread(tmp_path, monkeypatch, capsys):
+    """peft-alps reads only safetensors: an adapter_model.bin (pickle) is refused, never loaded."""
+    headmask().save_pretrained(tmp_path / "hm", safe_serialization=False)
+    assert sorted(p.name for p in (tmp_path / "hm").glob("adapter_model.*")) == ["adapter_model.bin"]
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    monkeypatch.setattr(torch.serialization, "load", no_unpickling)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ExportError, match=r"adapter_model\.bin.*reads only safetensors.*"
+                                          r"save_pretrained\(.*safe_serialization=True\)"):
+        export_lora(tmp_path / "hm", tmp_path / "out")
+    code, out, err = run(capsys, "export-lora", tmp_path / "hm", tmp_path / "out")
+    assert code == 2 and out == "" and err.startswith("peft-alps: error: ") and err.count("\n") == 1, err
+    assert "reads only safetensors" in err
+    assert list((tmp_path / "out").iterdir()) == [] and _no_leftovers(tmp_path)
+
+
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     import safetensors.torch
 

@@ -280,3 +280,18 @@ def test_a_layout_object_is_accepted_and_bad_layout_keys_are_named():
         HeadMaskConfig(heads={0: [0]}, layout={**GEMMA, "head_size": 16})
     with pytest.raises(LayoutError, match=r"no \['model_type'\]"):
         HeadMaskConfig(heads={0: [0]}, layout={k: v for k, v in GEMMA.items() if k != "model_type"})
+
+
+def test_cli_merge_and_export_refuse_a_flipped_bit_unless_forced(saved, tmp_path):
+    import subprocess
+    import sys
+
+    folder = copy_adapter(saved, tmp_path)
+    flip_a_bit(folder)
+    for args in (["merge", "--base", str(saved / "base"), "--adapter", str(folder), "--out", str(tmp_path / "m")],
+                 ["export-lora", str(folder), str(tmp_path / "l")]):
+        run = subprocess.run([sys.executable, "-m", "peft_alps", *args], capture_output=True, text=True)
+        assert run.returncode == 2 and "modified or corrupted" in run.stderr, run.stderr
+        assert run.stderr.count("\n") == 1 and not (tmp_path / args[-1]).exists()
+        forced = subprocess.run([sys.executable, "-m", "peft_alps", *args, "--force"], capture_output=True, text=True)
+        assert forced.returncode == 0, forced.stderr
