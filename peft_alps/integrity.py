@@ -83,10 +83,7 @@ def check_fingerprint(recorded, current: dict, what: str, force: bool = False, w
     message = (f"{what}: the base weights differ from the ones the adapter was trained on in {len(bad)} of "
                f"{len(current['modules'])} projections, e.g. {bad[0]}. The adapter was made for another base (another "
                f"checkpoint, seed or fine-tune); its outputs on this base are not what was trained.")
-    if warn or force:
-        warnings.warn(message, UserWarning, stacklevel=3)
-        return
-    raise IntegrityError(message + " Use the right base, or pass force=True (--force) to merge anyway.")
+    _report(message, "Use the right base, or pass force=True (--force) to merge anyway.", force or warn)
 
 
 # ----- delta checksum -----
@@ -118,10 +115,15 @@ def check_file(path, force: bool = False, warn: bool = False) -> None:
         return
     message = (f"{path}: the tensors do not match the checksum written when the adapter was saved: the file was "
                f"modified or corrupted after saving.")
-    if warn or force:
-        warnings.warn(message, UserWarning, stacklevel=3)
+    _report(message, "Re-download or re-save it, or pass force=True (--force) to use it anyway.", force or warn)
+
+
+def _report(message: str, fix: str, warn: bool) -> None:
+    """A failed check: a UserWarning (loading, or forced), else IntegrityError with the fix."""
+    if warn:
+        warnings.warn(message, UserWarning, stacklevel=4)
         return
-    raise IntegrityError(message + " Re-download or re-save it, or pass force=True (--force) to use it anyway.")
+    raise IntegrityError(f"{message} {fix}")
 
 
 def stamp_checksum(path) -> None:
