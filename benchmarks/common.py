@@ -15,7 +15,7 @@ from peft import get_peft_model
 
 import peft_alps
 from peft_alps import HeadMaskConfig
-from peft_alps.layout import HeadLayout, check_parts
+from peft_alps.heads.layout import HeadLayout, check_parts
 
 SIZES = {
     "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
@@ -83,7 +83,7 @@ def paper_recipe_hooks(model: torch.nn.Module, heads: dict, parts=("q", "k", "v"
     q/k/v projections), in every layer, and registers tensor hooks that zero the gradient rows (q/k/v: output
     channels) or columns (o: input channels) of the heads not in ``heads`` (``{layer: [query heads]}``). As in
     HeadMask, a k/v group is kept under GQA if any of its query heads is selected, and the output projection's
-    bias belongs to no head and stays frozen. Channels come from ``peft_alps.layout.HeadLayout``; GPT-2's
+    bias belongs to no head and stays frozen. Channels come from ``peft_alps.heads.layout.HeadLayout``; GPT-2's
     transposed ``Conv1D`` weights are handled. Returns the hook handles (``handle.remove()`` undoes the masking,
     not the freezing).
 
@@ -102,7 +102,7 @@ def paper_recipe_hooks(model: torch.nn.Module, heads: dict, parts=("q", "k", "v"
             continue
         layer, path = found
         channels = torch.tensor(layout.channels(path, parts, heads.get(layer, [])), dtype=torch.long)
-        rows = layout.slice_dim(path) == "out"  # nn.Linear frame: q/k/v own rows, o owns columns
+        rows = layout.head_axis(path) == "out"  # nn.Linear frame: q/k/v own rows, o owns columns
         axis = (0 if rows else 1) ^ int(layout.transposed)  # storage axis of the weight
         weight = module.weight
         keep = torch.zeros(weight.shape[axis], dtype=weight.dtype).index_fill_(0, channels, 1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common import SIZES, headmask_trainers, llama, machine, time_training_steps, write_json
-from peft_alps.selection import random_heads
+from peft_alps.scoring.selection import random_heads
 
 
 def main() -> None:

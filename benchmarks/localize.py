@@ -1,4 +1,4 @@
-"""How fast is ``peft_alps.localize.score_heads`` against the authors' algorithm?
+"""How fast is ``peft_alps.scoring.weight_scores.score_heads`` against the authors' algorithm?
 
 The reference re-implements the released ALPS head-selection script
 (github.com/VoiceBeer/ALPS, ALPS/alps.py, "wasserstein_normalized"): load both
@@ -46,8 +46,8 @@ import transformers as tf
 from scipy.stats import wasserstein_distance
 
 from common import machine, write_json
-from peft_alps.localize import score_heads
-from peft_alps.selection import select_heads
+from peft_alps.scoring.weight_scores import score_heads
+from peft_alps.scoring.selection import select_heads
 
 SIZES = {
     "full": dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,

@@ -1,4 +1,4 @@
-"""Streamed, file-to-file merge (``peft_alps.merge.merge_checkpoint``) against the in-memory route.
+"""Streamed, file-to-file merge (``peft_alps.deploy.merge.merge_checkpoint``) against the in-memory route.
 
 Model: SmolLM2-135M-Instruct as a local float32 checkpoint (``smollm2_checkpoint_dir()``, one
 ``model.safetensors`` of 538 MB, lm_head tied to the embeddings). Adapter: a seeded random 10% of the query
@@ -43,7 +43,7 @@ from safetensors import safe_open
 from common import machine, write_json
 from peft_alps import HeadMaskConfig
 from peft_alps.pretrained import load_smollm2, smollm2_checkpoint_dir
-from peft_alps.selection import random_heads
+from peft_alps.scoring.selection import random_heads
 
 RATIO, SEED, PARTS = 0.1, 0, ["q", "k", "v", "o"]
 VARIANTS = ("streamed", "in-memory")
@@ -59,7 +59,7 @@ def status_kb(field):
 
 base, adapter, out = Path({base!r}), Path({adapter!r}), Path({out!r})
 if {which!r} == "streamed":
-    from peft_alps.merge import merge_checkpoint
+    from peft_alps.deploy.merge import merge_checkpoint
     def run():
         merge_checkpoint(base, adapter, out)
 else:

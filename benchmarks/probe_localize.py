@@ -26,9 +26,9 @@ import transformers as tf
 from common import machine, write_json
 from peft_alps import score_heads, select_heads
 from peft_alps.data import gsm_symbolic_texts, text_batches
-from peft_alps.gradient_scores import gradient_head_scores
+from peft_alps.scoring.gradient_scores import gradient_head_scores
 from peft_alps.pretrained import load_smollm2
-from peft_alps.probe import probe_task_model
+from peft_alps.scoring.probe import probe_task_model
 
 RATIO = 0.1
 

@@ -61,7 +61,7 @@ from peft import LoraConfig, ShiraConfig, get_peft_model
 
 from common import SIZES, llama, machine, paper_recipe_hooks, time_training_steps, write_json
 from peft_alps import HeadMaskConfig
-from peft_alps.selection import random_heads
+from peft_alps.scoring.selection import random_heads
 
 warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)  # transformers 5 vs peft
 tf.logging.disable_progress_bar()  # SmolLM2's loading bar

@@ -21,15 +21,18 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it (imported on first access, see __getattr__)
 _LAZY = {
-    "ARCHITECTURES": "layout", "HeadLayout": "layout", "LayoutError": "layout",
-    "HeadMaskConfig": "config", "HeadMaskLayer": "layer", "HeadMaskModel": "model",
-    "HeadScores": "localize", "score_heads": "localize", "ProbeWeights": "probe", "probe_task_model": "probe",
-    "gradient_head_scores": "gradient_scores", "export_lora": "export", "merge_checkpoint": "merge",
-    "layer_consistent_heads": "selection", "random_heads": "selection", "select_heads": "selection",
+    "ARCHITECTURES": "heads.layout", "HeadLayout": "heads.layout", "LayoutError": "heads.layout",
+    "HeadDelta": "heads.delta", "register_delta_kind": "heads.delta",
+    "HeadMaskConfig": "tuner.config", "HeadMaskLayer": "tuner.layer", "HeadMaskModel": "tuner.model",
+    "HeadScores": "scoring.scores", "score_heads": "scoring.weight_scores", "ProbeWeights": "scoring.sources",
+    "probe_task_model": "scoring.probe", "gradient_head_scores": "scoring.gradient_scores",
+    "layer_consistent_heads": "scoring.selection", "random_heads": "scoring.selection",
+    "select_heads": "scoring.selection", "export_lora": "deploy.export", "merge_checkpoint": "deploy.merge",
 }
-__all__ = ["ARCHITECTURES", "HeadLayout", "HeadMaskConfig", "HeadMaskLayer", "HeadMaskModel", "HeadScores",
-           "LayoutError", "ProbeWeights", "export_lora", "gradient_head_scores", "layer_consistent_heads",
-           "merge_checkpoint", "probe_task_model", "random_heads", "score_heads", "select_heads"]
+__all__ = ["ARCHITECTURES", "HeadDelta", "HeadLayout", "HeadMaskConfig", "HeadMaskLayer", "HeadMaskModel",
+           "HeadScores", "LayoutError", "ProbeWeights", "export_lora", "gradient_head_scores",
+           "layer_consistent_heads", "merge_checkpoint", "probe_task_model", "random_heads", "register_delta_kind",
+           "score_heads", "select_heads"]
 # submodules that load without PEFT: the command line, whose commands import the rest when they run
 _WITHOUT_PEFT = frozenset({f"{__name__}.cli", f"{__name__}.__main__"})
 
@@ -74,8 +77,8 @@ def _register() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     from peft.utils import PeftType, register_peft_method
 
-    from .config import HeadMaskConfig
-    from .model import HeadMaskModel
+    from .tuner.config import HeadMaskConfig
+    from .tuner.model import HeadMaskModel
 
     _add_peft_type("HEADMASK")
     if PeftType.HEADMASK not in PEFT_TYPE_TO_CONFIG_MAPPING:
@@ -89,7 +92,7 @@ class _RegisterWhenPeftLoads(importlib.abc.MetaPathFinder):
     It finds nothing itself: for ``peft`` and for peft_alps' submodules (but those in ``_WITHOUT_PEFT``) it
     takes the spec the other finders return and wraps its loader, so that PEFT registers HEADMASK right after
     its own ``__init__`` has run (:class:`_PeftLoader`), and a peft_alps submodule loads PEFT before it runs
-    (:class:`_AfterPeftLoader`; the registration needs ``peft_alps.config`` and ``peft_alps.model``, which
+    (:class:`_AfterPeftLoader`; the registration needs ``peft_alps.tuner.config`` and ``.tuner.model``, which
     import peft: loading PEFT from inside them would find them half-initialized).
     """
 

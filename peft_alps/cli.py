@@ -199,7 +199,7 @@ def localize(args) -> int:
 
     against = args.task or f"--data {args.data}"
     try:
-        from .selection import select_heads
+        from .scoring.selection import select_heads
 
         scores = _score(args)
         heads = select_heads(scores, ratio=args.ratio, per_layer=args.per_layer)
@@ -217,8 +217,8 @@ def localize(args) -> int:
 
 def _score(args) -> HeadScores:
     """Scores of BASE against TASK, or against a probe / gradients on --data."""
-    from .localize import score_heads
-    from .probe import probe_task_model
+    from .scoring.weight_scores import score_heads
+    from .scoring.probe import probe_task_model
 
     progress = sys.stderr.isatty()
     if args.task is not None:
@@ -242,7 +242,7 @@ def _score(args) -> HeadScores:
     batches = text_batches(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)
     made = {"data": str(args.data), "examples": len(texts), "scorer": args.scorer}
     if args.scorer == "gradient":
-        from .gradient_scores import gradient_head_scores
+        from .scoring.gradient_scores import gradient_head_scores
 
         scores = gradient_head_scores(model, batches, kind=args.kind, progress=progress)
     else:
@@ -277,7 +277,7 @@ def _heads_json(scores: HeadScores, heads: dict[int, list[int]], args) -> str:
 
 def _write_outputs(out: Path, scores: HeadScores, heads, args, heatmap: bool) -> list[str]:
     """Write every output into a staging folder next to ``out``, then move them in (all or nothing)."""
-    from .fileio import staged_folder
+    from .io.files import staged_folder
     from .heatmap import plot_heatmap
 
     with staged_folder(out, stale=() if heatmap else ("heatmap.png",)) as stage:  # a stale heatmap would mislead
@@ -304,7 +304,7 @@ def export_lora_command(args) -> int:
         raise CLIError(f"ADAPTER_DIR does not exist: {args.adapter}")
     import warnings
 
-    from .export import describe, export_lora  # loads torch and peft: after the checks that need neither
+    from .deploy.export import describe, export_lora  # loads torch and peft: after the checks that need neither
 
     try:
         with warnings.catch_warnings():
@@ -324,7 +324,7 @@ def export_lora_command(args) -> int:
 
 def merge_command(args) -> int:
     """``peft-alps merge``: streamed, validated-first merge of an adapter into its base checkpoint."""
-    from .merge import merge_checkpoint_report
+    from .deploy.merge import merge_checkpoint_report
 
     try:
         report = merge_checkpoint_report(args.base, args.adapter, args.out, dtype=args.dtype,
@@ -347,7 +347,8 @@ def inspect_command(args) -> int:
         raise CLIError(f"ADAPTER_DIR is not a folder: {args.adapter}")
     if args.heatmap and not _have_matplotlib():
         raise CLIError("--heatmap needs matplotlib: pip install 'peft-alps[plot]'")
-    from .card import AdapterError, summarize, summary_lines  # loads torch and peft: after the checks
+    from .io.adapter import AdapterError
+    from .io.card import summarize, summary_lines  # loads torch and peft: after the checks
 
     try:
         info = summarize(args.adapter)
@@ -362,7 +363,7 @@ def inspect_command(args) -> int:
         import torch
 
         from .heatmap import plot_heatmap
-        from .localize import HeadScores
+        from .scoring.scores import HeadScores
 
         grid = torch.zeros(info["num_layers"], info["num_heads"])
         for layer, hs in info["heads"].items():

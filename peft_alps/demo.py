@@ -22,13 +22,13 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from .config import HeadMaskConfig
-from .layer import HeadMaskLayer
-from .localize import score_heads
-from .merge import merge_checkpoint
+from .tuner.config import HeadMaskConfig
+from .tuner.layer import HeadMaskLayer
+from .scoring.weight_scores import score_heads
+from .deploy.merge import merge_checkpoint
 from .pretrained import load_smollm2, smollm2_checkpoint_dir
-from .probe import probe_task_model
-from .selection import random_heads, select_heads
+from .scoring.probe import probe_task_model
+from .scoring.selection import random_heads, select_heads
 
 TRAIN_MODULES = ["argparse", "collections", "json", "logging", "pathlib", "subprocess", "threading", "typing",
                  "unittest", "zipfile", "datetime", "decimal", "fractions", "heapq", "itertools", "functools"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .fileio import atomic_write
+from .io.files import atomic_write
 
 
 def _ticks(n: int, max_labels: int = 32) -> list[int]:

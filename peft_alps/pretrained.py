@@ -14,8 +14,6 @@ import os
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub when it is first imported
-
 import torch
 from transformers import (
     AutoModel,

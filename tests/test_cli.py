@@ -15,7 +15,7 @@ import transformers as tf
 from conftest import make_model
 
 from peft_alps import HeadMaskConfig, cli
-from peft_alps.localize import HeadScores
+from peft_alps.scoring.weight_scores import HeadScores
 
 LAYER, HEAD = 1, 2  # the head the task checkpoint moves
 N_HEADS = 3 * 4  # tiny llama: 3 layers x 4 query heads
@@ -103,7 +103,7 @@ def test_per_layer_overwrite_and_no_heatmap(ckpts, tmp_path, capsys, monkeypatch
 def test_localize_from_data_with_a_probe_equals_the_python_api(ckpts, tmp_path, capsys):
     from peft_alps import score_heads
     from peft_alps.data import read_texts, text_batches
-    from peft_alps.probe import probe_task_model
+    from peft_alps.scoring.probe import probe_task_model
 
     out = tmp_path / "run"
     code, stdout, err = run(capsys, "localize", ckpts["base"], "--data", ckpts["data"], "--steps", "3",
@@ -237,7 +237,7 @@ def test_usage_errors_are_one_line_exit_2_and_load_no_torch(argv, says):
 
 
 def test_cli_choices_are_the_library_ones():
-    from peft_alps import localize
+    from peft_alps.scoring import weight_scores as localize
 
     assert (cli.METRICS, cli.REPRESENTATIONS) == (localize.METRICS, localize.REPRESENTATIONS)
 
@@ -246,9 +246,9 @@ def test_cli_choices_are_the_library_ones():
 REGISTERED = """
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
-import peft_alps.config, peft_alps.model
-assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.HEADMASK] is peft_alps.config.HeadMaskConfig is peft_alps.HeadMaskConfig
-assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.HEADMASK] is peft_alps.model.HeadMaskModel
+import peft_alps.tuner.config, peft_alps.tuner.model
+assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.HEADMASK] is peft_alps.tuner.config.HeadMaskConfig is peft_alps.HeadMaskConfig
+assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.HEADMASK] is peft_alps.tuner.model.HeadMaskModel
 assert not [f for f in sys.meta_path if type(f).__module__ == "peft_alps"]  # the finder has removed itself
 for name, module in list(sys.modules.items()):  # every module keeps its own loader
     if name == "peft" or name.startswith("peft_alps"):
@@ -266,10 +266,10 @@ model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrai
 assert type(model.peft_config["default"]).__name__ == "HeadMaskConfig"
 """,
     # a submodule that the registration itself imports (run once, not twice)
-    "from peft_alps.model import": "from peft_alps.model import HeadMaskModel\nimport peft_alps.model as m\n"
+    "from peft_alps.tuner.model import": "from peft_alps.tuner.model import HeadMaskModel\nimport peft_alps.tuner.model as m\n"
                                    "assert m.HeadMaskModel is HeadMaskModel\n",
-    # a submodule that imports peft_alps.config (which imports peft) before PEFT is loaded
-    "import peft_alps.merge": "import peft_alps.merge\n",
+    # a submodule that imports peft_alps.tuner.config (which imports peft) before PEFT is loaded
+    "import peft_alps.deploy.merge": "import peft_alps.deploy.merge\n",
     "get_peft_model": """
 import peft_alps
 from peft import get_peft_model

@@ -10,7 +10,7 @@ from peft import get_peft_model
 
 import peft_alps
 from peft_alps import HeadMaskConfig, LayoutError
-from peft_alps.layer import HeadMaskLayer
+from peft_alps.tuner.layer import HeadMaskLayer
 
 
 def assert_untouched(model, snapshot):

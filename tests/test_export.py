@@ -1,4 +1,4 @@
-"""Exact export of head-mask adapters to stock PEFT LoRA adapters (``peft_alps.export``, ``peft-alps export-lora``).
+"""Exact export of head-mask adapters to stock PEFT LoRA adapters (``peft_alps.deploy.export``, ``peft-alps export-lora``).
 
 The main check loads every exported adapter with stock PEFT in a subprocess that cannot import peft_alps,
 onto a base model read back from a saved folder, and compares its outputs and merged weights with the
@@ -19,8 +19,9 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 import peft_alps  # noqa: F401  (registers the method)
-from peft_alps import HeadMaskConfig, cli, export
-from peft_alps.export import ExportError, export_lora
+from peft_alps import HeadMaskConfig, cli
+from peft_alps.deploy import export
+from peft_alps.deploy.export import ExportError, export_lora
 
 HEADS = {0: [1], 2: [0, 3]}
 ALL = ["q", "k", "v", "o"]
@@ -143,7 +144,7 @@ def _case(tmp_path, name, pm, base_model, inputs, adapter_name="default", merge=
 
 def _targets(pm, adapter_name):
     return [m.get_base_layer() for m in pm.base_model.model.modules()
-            if hasattr(m, "headmask_dim") and adapter_name in m.headmask_dim and m.headmask_dim[adapter_name] == "out"]
+            if hasattr(m, "headmask_axis") and adapter_name in m.headmask_axis and m.headmask_axis[adapter_name] == "out"]
 
 
 def _trained_two_adapters():

@@ -12,9 +12,10 @@ import transformers as tf
 from conftest import make_inputs, make_model
 from peft import PeftModel, get_peft_model
 
-from peft_alps import HeadMaskConfig, gmt
-from peft_alps.gmt import mask_small_gradients_
-from peft_alps.layer import HeadMaskLayer
+from peft_alps import HeadMaskConfig
+from peft_alps.tuner import gmt
+from peft_alps.tuner.gmt import mask_small_gradients_
+from peft_alps.tuner.layer import HeadMaskLayer
 
 HEADS = {0: [1], 2: [0, 3]}
 ALL_PARTS = ["q", "k", "v", "o"]

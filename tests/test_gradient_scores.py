@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 
 import peft_alps
 from peft_alps import HeadMaskConfig, HeadScores, select_heads
-from peft_alps.gradient_scores import KINDS, gradient_head_scores
+from peft_alps.scoring.gradient_scores import KINDS, gradient_head_scores
 
 from test_localize import OPT_LAYOUT, make_opt, wrong_layouts
 

@@ -1,4 +1,4 @@
-"""Streamed merge (``peft_alps.merge`` / ``peft-alps merge``): bitwise equal to ``merge_and_unload()``, reads
+"""Streamed merge (``peft_alps.deploy.merge`` / ``peft-alps merge``): bitwise equal to ``merge_and_unload()``, reads
 only the touched tensors, loads without peft_alps, and errors that write nothing."""
 
 import filecmp
@@ -16,8 +16,8 @@ from peft import get_peft_model
 from safetensors import safe_open
 
 from peft_alps import HeadMaskConfig, cli
-from peft_alps import merge as merge_mod
-from peft_alps.merge import MergeError, merge_checkpoint, merge_checkpoint_report
+from peft_alps.deploy import merge as merge_mod
+from peft_alps.deploy.merge import MergeError, merge_checkpoint, merge_checkpoint_report
 
 HEADS = {0: [1], 2: [0, 3]}
 PARTS = ["q", "k", "v", "o"]
@@ -294,7 +294,7 @@ def test_errors_are_one_line_and_write_nothing(case, ckpts, tmp_path, capsys):
     elif case == "not_headmask":
         cfg = json.loads((adapter / "adapter_config.json").read_text())
         (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "LORA"}))
-        match = "holds a 'LORA' adapter"
+        match = "is a LORA adapter"
     elif case == "out_is_base":
         out, extra, match = base, ["--overwrite"], "is (or contains) the base folder"
     else:
@@ -314,9 +314,10 @@ def test_api_errors_are_merge_errors(ckpts, tmp_path):
     shutil.copytree(ckpts / "adapter", bad)
     cfg = json.loads((bad / "adapter_config.json").read_text())
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "heads": {"0": [1], "1": [2], "2": [0, 3]}}))
-    with pytest.raises(MergeError, match=r"no delta for \(layer, module\) \[\(1, 'self_attn.k_proj'\)"):
+    with pytest.raises(MergeError, match=r"has no tensor base_model.model.model.layers.1.self_attn.q_proj.headmask_delta although"):
         merge_checkpoint(ckpts / "base", bad, tmp_path / "out")
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "heads": {"0": [1]}}))
-    with pytest.raises(MergeError, match="layers.2.self_attn.k_proj.headmask_delta belongs to no module"):
+    with pytest.raises(MergeError, match="holds base_model.model.model.layers.2.self_attn.k_proj.headmask_delta .*which its adapter_config.json "
+                                                "does not select"):
         merge_checkpoint(ckpts / "base", bad, tmp_path / "out")
     assert not (tmp_path / "out").exists() and issubclass(MergeError, ValueError)

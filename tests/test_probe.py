@@ -9,7 +9,7 @@ from peft import get_peft_model
 
 from peft_alps import HeadMaskConfig, score_heads
 from peft_alps.data import read_texts, text_batches
-from peft_alps.probe import probe_task_model
+from peft_alps.scoring.probe import probe_task_model
 
 from conftest import ARCHS, block_module, make_inputs, make_model
 

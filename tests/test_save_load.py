@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import peft_alps  # noqa: F401  (registers the method)
 from peft_alps import HeadMaskConfig
-from peft_alps.layer import HeadMaskLayer
+from peft_alps.tuner.layer import HeadMaskLayer
 
 HEADS = {0: [1], 2: [0, 3]}
 

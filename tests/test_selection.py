@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 
 from peft_alps import HeadMaskConfig, HeadScores, layer_consistent_heads, random_heads, score_heads, select_heads
-from peft_alps.selection import head_count
+from peft_alps.scoring.selection import head_count
 
 from conftest import make_inputs, make_model
 

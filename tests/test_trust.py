@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import peft_alps
 from peft_alps import HeadLayout, HeadMaskConfig, LayoutError, merge_checkpoint
-from peft_alps.layer import HeadMaskLayer
+from peft_alps.tuner.layer import HeadMaskLayer
 
 HEADS = {0: [1], 2: [0, 3]}
 
@@ -120,7 +120,7 @@ def test_a_flipped_bit_is_reported(saved, tmp_path):
 
 
 def test_saved_files_carry_checksum_and_fingerprint(saved):
-    from peft_alps.integrity import CHECKSUM_KEY, file_checksum, recorded_checksum
+    from peft_alps.io.integrity import CHECKSUM_KEY, file_checksum, recorded_checksum
 
     path = saved / "adapter" / "adapter_model.safetensors"
     assert recorded_checksum(path) == file_checksum(path)

@@ -13,47 +13,16 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .fileio import atomic_write
-from .layout import HeadLayout
-
-
-@dataclass
-class ProbeWeights:
-    """The q/k/v weights of a probe fine-tune, named as in the model (``"model.layers.0.self_attn.q_proj.weight"``)
-    and stored as in the module (GPT-2 ``Conv1D``: ``[in, out]``), plus the model's config.
-
-    Pass it as ``task`` to :func:`~peft_alps.localize.score_heads`, or ``save(folder)`` it: the folder
-    (``config.json`` + ``model.safetensors`` with these tensors only) is a checkpoint ``score_heads`` and
-    ``peft-alps localize`` read like any other.
-    """
-
-    config: object  # transformers PretrainedConfig
-    tensors: dict[str, torch.Tensor]
-    losses: list[float] = field(default_factory=list)  # training loss per step
-    seconds: float = 0.0
-
-    def save(self, folder) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``folder``."""
-        from safetensors.torch import save
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        blob = save({k: v.contiguous() for k, v in self.tensors.items()}, metadata={"format": "pt"})
-        with atomic_write(folder / "model.safetensors", "wb") as f:
-            f.write(blob)
-        with atomic_write(folder / "config.json") as f:
-            f.write(self.config.to_json_string())
-        return folder
+from ..heads.layout import PARTS, HeadLayout
+from .sources import ModuleSource, ProbeWeights, check_source, scoring_layout
 
 
 def _attention_parameters(model, layout: HeadLayout, parts: str) -> dict[str, torch.nn.Parameter]:
     """``{name: parameter}`` of the weights (and biases) of the ``parts`` projections in every layer."""
-    wanted = {f"{layout.layers}.{layer}.{layout.modules[p]}.{kind}" for layer in range(layout.num_layers)
+    wanted = {f"{layout.module_name(layer, layout.modules[p])}.{kind}" for layer in range(layout.num_layers)
               for p in parts for kind in ("weight", "bias")}
     return {name: p for name, p in model.named_parameters()
             if name in wanted or any(name.endswith("." + w) for w in wanted)}
@@ -82,12 +51,9 @@ def probe_task_model(model, data, steps: int = 50, lr: float = 1e-4, attention_o
     data = list(data)
     if not data:
         raise ValueError("data is empty: pass a list of batches (peft_alps.data.text_batches makes them).")
-    from .localize import _ModuleSource, check_layout_fits, resolve_layout  # localize imports this module
-
-    given = layout is not None
-    layout = resolve_layout(getattr(model, "config", None), layout, "probe_task_model")
-    if given:
-        check_layout_fits(layout, _ModuleSource(model).shape)
+    config = getattr(model, "config", None)
+    layout = scoring_layout(config, layout, "probe_task_model")
+    check_source(layout, ModuleSource(model), config, PARTS, type(model).__name__)
     scored = _attention_parameters(model, layout, "qkv")
     trained = _attention_parameters(model, layout, "qkvo") if attention_only else dict(model.named_parameters())
     if not scored:

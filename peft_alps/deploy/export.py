@@ -1,9 +1,9 @@
 """Exact export of a head-mask (HEADMASK) adapter to a stock PEFT LoRA adapter.
 
-A head-mask adapter stores, per projection, a slice of the weight update:
+A head-mask adapter makes, per projection, a slice update (its delta kind's, :mod:`peft_alps.heads.delta`):
 
-* q/k/v (``dim="out"``): ``D`` of shape ``[n, in]``, the update of output rows ``idx``;
-* o (``dim="in"``): ``D`` of shape ``[out, n]``, the update of input columns ``idx``.
+* q/k/v (``axis="out"``): ``D`` of shape ``[n, in]``, the update of output rows ``idx``;
+* o (``axis="in"``): ``D`` of shape ``[out, n]``, the update of input columns ``idx``.
 
 Both are products of two factors, so each is an exact LoRA update with rank ``n``
 (the number of selected channels) and scaling 1 (``lora_alpha = r``):
@@ -32,16 +32,15 @@ from typing import Optional
 
 import torch
 
-from .layout import HeadLayout
+from ..heads.delta import delta_kind
+from ..io.adapter import (BIN_NAME, CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, check_weights, expected_tensors,
+                          head_tensor_key, read_config, read_heads, split_head_key)
+from ..io.files import staged_folder
+from ..io.integrity import IntegrityError, check_file
+from ..io.safetensors import SafetensorsError
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
-_PREFIX = "base_model.model."
-_DELTA, _BIAS = "headmask_delta", "headmask_bias"
 
-
-class ExportError(ValueError):
+class ExportError(AdapterError):
     """The adapter cannot be exported (not a head-mask adapter, inconsistent files, unsupported feature)."""
 
 
@@ -50,12 +49,12 @@ class _Slice:
     """One wrapped projection of the adapter, in the ``nn.Linear`` frame."""
 
     module: str  # full module name inside the base model, e.g. "model.layers.3.self_attn.q_proj"
-    dim: str  # "out" (rows) or "in" (columns)
+    axis: str  # "out" (rows) or "in" (columns)
     index: torch.Tensor  # LongTensor of the selected channels
     out_features: int
     in_features: int
-    delta: torch.Tensor  # [n, in] (rows) or [out, n] (columns)
-    bias: Optional[torch.Tensor]  # [n] bias delta (rows of a biased projection) or None
+    delta: torch.Tensor  # the slice update D: [n, in] (rows) or [out, n] (columns)
+    bias: Optional[torch.Tensor]  # [n] bias update (rows of a biased projection) or None
     conv1d: bool
     base_has_bias: Optional[bool]  # None: unknown (exported from a folder without the base model)
 
@@ -68,7 +67,7 @@ class _Slice:
         delta = self.delta.detach().to("cpu")
         r = self.rank
         cols = torch.arange(r)
-        if self.dim == "out":
+        if self.axis == "out":
             b = torch.zeros(self.out_features, r, dtype=delta.dtype)
             b[self.index, cols] = 1
             return delta.contiguous(), b
@@ -123,108 +122,72 @@ def _check_out_dir(out: Path, overwrite: bool, adapter) -> None:
         raise ExportError(f"The output folder is the head-mask adapter folder itself ({out}); choose another one.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"The output folder is not empty: {out} (pass overwrite=True / --overwrite to "
-                              f"replace its {CONFIG_NAME} and {SAFETENSORS_NAME}).")
-
-
-def _check_headmask(config: dict, where: str) -> None:
-    peft_type = str(config.get("peft_type", "")).split(".")[-1]
-    if peft_type != "HEADMASK":
-        raise ExportError(f"{where} is a {peft_type or 'untyped'} adapter, not a peft-alps head-mask (HEADMASK) "
-                          f"adapter; only HEADMASK adapters can be exported to LoRA.")
-    for key in ("heads", "parts", "layout", "target_modules"):
-        if not config.get(key):
-            raise ExportError(f"{where}: adapter_config.json has no {key!r}; save the adapter with "
-                              f"peft_alps' save_pretrained.")
+                              f"replace its {CONFIG_NAME} and {WEIGHTS_NAME}).")
 
 
 def _read_folder(folder: Path, force: bool = False) -> tuple[dict, list[_Slice], dict]:
     if not folder.is_dir():
         raise FileNotFoundError(f"The adapter folder does not exist: {folder}")
-    config_file = folder / CONFIG_NAME
-    if not config_file.is_file():
-        raise ExportError(f"{folder} has no {CONFIG_NAME}: it is not a saved PEFT adapter folder.")
+    config = read_config(folder, ExportError)
+    heads, parts, layout = read_heads(config, folder / CONFIG_NAME, ExportError)
+    kind = delta_kind(config.get("delta_kind", "dense"))
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        if (folder / BIN_NAME).is_file():  # a pickle: never loaded here
+            raise ExportError(f"{folder} holds {BIN_NAME} (a pickle file) and no {WEIGHTS_NAME}: peft-alps reads "
+                              f"only safetensors. Convert it with PEFT: after `import peft_alps`, load it with "
+                              f"PeftModel.from_pretrained(base_model, {str(folder)!r}) and save it with "
+                              f"save_pretrained(new_folder, safe_serialization=True).")
+        raise ExportError(f"{folder} has no {WEIGHTS_NAME}.")
+    try:  # a clear error for a truncated or corrupted file (safetensors' own is cryptic)
+        check_file(weights, force=force)
+    except (IntegrityError, SafetensorsError) as e:
+        raise ExportError(str(e)) from None
+    from safetensors import safe_open
+
+    # the base is not here: module names come from target_modules, feature counts from the layout, biases from
+    # the file
+    with safe_open(weights, framework="pt") as f:
+        keys = set(f.keys())
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{config_file} is not valid JSON: {e}") from None
-    _check_headmask(config, str(folder))
-    try:  # checked before the weights are read; LayoutError (a ValueError) names the bad key
-        layout = HeadLayout.from_dict(config["layout"])
-    except (ValueError, TypeError) as e:
-        raise ExportError(f"{config_file}: {e}") from None
-    if (folder / SAFETENSORS_NAME).is_file():
-        from safetensors.torch import load_file
-
-        from .merge import MergeError, read_header
-
-        from .integrity import IntegrityError, check_file
-
-        try:  # a clear error for a truncated or corrupted file (safetensors' own is cryptic)
-            read_header(folder / SAFETENSORS_NAME)
-            check_file(folder / SAFETENSORS_NAME, force=force)
-        except (MergeError, IntegrityError) as e:
-            raise ExportError(str(e)) from None
-        state = load_file(folder / SAFETENSORS_NAME)
-    elif (folder / BIN_NAME).is_file():  # a pickle: never loaded here
-        raise ExportError(f"{folder} holds {BIN_NAME} (a pickle file) and no {SAFETENSORS_NAME}: peft-alps reads "
-                          f"only safetensors. Convert it with PEFT: after `import peft_alps`, load it with "
-                          f"PeftModel.from_pretrained(base_model, {str(folder)!r}) and save it with "
-                          f"save_pretrained(new_folder, safe_serialization=True).")
-    else:
-        raise ExportError(f"{folder} has no {SAFETENSORS_NAME}.")
-
-    parts = config["parts"]
-    heads = {int(k): sorted(v) for k, v in config["heads"].items()}
-    deltas, biases, extra = {}, {}, {}
-    for key, tensor in state.items():
-        name = key.removeprefix(_PREFIX)
-        if name.endswith("." + _DELTA):
-            deltas[name[: -len(_DELTA) - 1]] = tensor
-        elif name.endswith("." + _BIAS):
-            biases[name[: -len(_BIAS) - 1]] = tensor
-        else:
-            extra[key] = tensor  # modules_to_save
-    targets = set(config["target_modules"])
-    unknown = sorted((set(deltas) | set(biases)) - targets)
-    missing = sorted(targets - set(deltas))
-    if unknown or missing:
-        raise ExportError(f"{folder}: the weights file does not match adapter_config.json's target_modules "
-                          f"(deltas for modules not targeted: {unknown[:3]}; targeted modules without a delta: "
-                          f"{missing[:3]}).")
-    slices = []
-    for module in sorted(targets):
+        targets, located = layout.targets(heads, parts), {}
+    except ValueError as e:  # LayoutError: a head the layout does not have
+        raise ExportError(f"{folder / CONFIG_NAME}: {e}") from None
+    for module in config.get("target_modules") or ():
         found = layout.locate(module, parts)
-        if found is None or found[0] not in heads:
+        if found not in targets:
             raise ExportError(f"{folder}: target module {module!r} does not hold a selected head of the layout.")
-        layer, path = found
-        dim = layout.slice_dim(path)
-        index = torch.tensor(layout.channels(path, parts, heads[layer]), dtype=torch.long)
-        delta, bias = deltas[module], biases.get(module)
-        n = index.numel()
-        if dim == "out":
-            per_part = {"q": layout.num_heads, "k": layout.num_kv_heads, "v": layout.num_kv_heads}
-            out_f = sum(per_part[p] * layout.head_dim for p in "qkv" if layout.modules[p] == path)
-            in_f = delta.shape[1] if delta.dim() == 2 else -1
-            expected = (n, in_f)
-        else:
-            out_f = delta.shape[0] if delta.dim() == 2 else -1
-            in_f = layout.num_heads * layout.head_dim
-            expected = (out_f, n)
-        if tuple(delta.shape) != expected or (bias is not None and (dim != "out" or tuple(bias.shape) != (n,))):
-            raise ExportError(f"{folder}: {module} holds a delta of shape {tuple(delta.shape)}"
-                              f"{'' if bias is None else f' and a bias of shape {tuple(bias.shape)}'}, but its "
-                              f"config selects {n} {dim}put channels: the files do not belong together.")
-        if int(index.max()) >= (out_f if dim == "out" else in_f):
-            raise ExportError(f"{folder}: the layout {config['layout']} does not fit module {module}.")
-        slices.append(_Slice(module, dim, index, out_f, in_f, delta, bias, bool(layout.transposed),
-                             True if bias is not None else (False if dim == "out" else None)))
+        located[module] = targets[found] + (found[1],)
+    unnamed = sorted(set(targets) - {layout.locate(m, parts) for m in located})
+    if unnamed:
+        raise ExportError(f"{folder}: adapter_config.json's target_modules name no module for (layer, module) "
+                          f"{unnamed[:3]}, which its heads select; save the adapter with peft_alps.")
+    projections = {}
+    for module, (channels, axis, path) in located.items():
+        shape = (len(channels), axis, *layout.features(path))
+        bias_only = set(kind.shapes(*shape, True)) - set(kind.shapes(*shape, False))  # the base's bias: in the file?
+        projections[module] = (*shape, any(head_tensor_key(module, t) in keys for t in bias_only))
+    check_weights(weights, expected_tensors(kind, projections), ExportError)
+
+    slices, extra = [], {}
+    with safe_open(weights, framework="pt") as f:
+        for key in sorted(keys):
+            if not split_head_key(key):
+                extra[key] = f.get_tensor(key)  # modules_to_save
+        for module, (channels, axis, _) in located.items():
+            tensors = {t: f.get_tensor(head_tensor_key(module, t)) for t in kind.tensors
+                       if head_tensor_key(module, t) in keys}
+            delta, bias = kind.update(tensors, axis)
+            n, _, out_f, in_f, has_bias = projections[module]
+            slices.append(_Slice(module, axis, torch.tensor(channels, dtype=torch.long), out_f, in_f, delta, bias,
+                                 bool(layout.transposed), True if has_bias else (False if axis == "out" else None)))
     return config, slices, extra
 
 
 def _read_model(model, adapter_name: str) -> tuple[dict, list[_Slice], dict]:
     from peft.utils import get_peft_model_state_dict
 
-    from .layer import HeadMaskLayer
+    from ..tuner.layer import HeadMaskLayer
 
     peft_configs = getattr(model, "peft_config", None)
     if not isinstance(peft_configs, dict) or not hasattr(model, "base_model"):
@@ -233,7 +196,10 @@ def _read_model(model, adapter_name: str) -> tuple[dict, list[_Slice], dict]:
         raise ExportError(f"The PeftModel has no adapter named {adapter_name!r} (it has {sorted(peft_configs)}); "
                           f"pass adapter_name=...")
     config = peft_configs[adapter_name].to_dict()
-    _check_headmask(config, f"Adapter {adapter_name!r}")
+    peft_type = str(config.get("peft_type", "")).split(".")[-1]
+    if peft_type != "HEADMASK":
+        raise ExportError(f"Adapter {adapter_name!r} is a {peft_type} adapter, not a peft-alps "
+                          f"head-mask (HEADMASK) adapter; only HEADMASK adapters can be exported to LoRA.")
     base_model = model.base_model.model
     # as PeftModel.save_pretrained fills them, so a folder and a model export write the same config
     if config.get("base_model_name_or_path") is None:
@@ -243,17 +209,16 @@ def _read_model(model, adapter_name: str) -> tuple[dict, list[_Slice], dict]:
                                   "parent_library": type(base_model).__module__}
     slices = []
     for name, layer in base_model.named_modules():
-        if not isinstance(layer, HeadMaskLayer) or adapter_name not in layer.headmask_delta:
+        if not isinstance(layer, HeadMaskLayer) or adapter_name not in layer.headmask_kind:
             continue
-        base = layer.get_base_layer()
-        bias = layer.headmask_bias[adapter_name] if adapter_name in layer.headmask_bias else None
-        slices.append(_Slice(name, layer.headmask_dim[adapter_name], layer.headmask_index[adapter_name].cpu(),
-                             layer.out_features, layer.in_features, layer.headmask_delta[adapter_name],
-                             bias, layer.is_conv1d, base.bias is not None))
+        delta, bias = layer.slice_update(adapter_name)
+        slices.append(_Slice(name, layer.headmask_axis[adapter_name], layer.headmask_index[adapter_name].cpu(),
+                             layer.out_features, layer.in_features, delta, bias, layer.is_conv1d,
+                             layer.get_base_layer().bias is not None))
     if not slices:
         raise ExportError(f"Adapter {adapter_name!r} wraps no module of the model.")
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    extra = {k: v for k, v in state.items() if not k.endswith((f".{_DELTA}", f".{_BIAS}"))}
+    extra = {k: v for k, v in state.items() if not split_head_key(k)}
     return config, sorted(slices, key=lambda s: s.module), extra
 
 
@@ -310,7 +275,7 @@ def _to_lora(config: dict, slices: list[_Slice], extra: dict):
     tensors = {}
     for s in slices:
         a, b = s.lora_factors()
-        key = f"{_PREFIX}{s.module}"
+        key = f"{PREFIX}{s.module}"
         tensors[f"{key}.lora_A.weight"] = a
         tensors[f"{key}.lora_B.weight"] = b
         if use_bias:
@@ -334,11 +299,9 @@ def _write(out: Path, lora_config, tensors: dict) -> None:
     earlier adapter in ``out`` is removed: it would not match the new config)."""
     from safetensors.torch import save_file
 
-    from .fileio import staged_folder
-
     with staged_folder(out, stale=(BIN_NAME,)) as stage:
         (stage / CONFIG_NAME).write_text(_config_json(lora_config))
-        save_file(tensors, str(stage / SAFETENSORS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def describe(out_dir) -> dict:
@@ -347,7 +310,7 @@ def describe(out_dir) -> dict:
     cfg = json.loads((out / CONFIG_NAME).read_text())
     ranks = {m: cfg.get("rank_pattern", {}).get(m, cfg["r"]) for m in cfg["target_modules"]}
     return {"modules": len(ranks), "ranks": ranks, "lora_bias": bool(cfg.get("lora_bias")),
-            "bytes": (out / SAFETENSORS_NAME).stat().st_size}
+            "bytes": (out / WEIGHTS_NAME).stat().st_size}
 
 
 __all__ = ["ExportError", "export_lora"]

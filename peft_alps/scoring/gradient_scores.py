@@ -27,15 +27,16 @@ from collections.abc import Mapping
 
 import torch
 
-from .layout import check_parts
-from .localize import HeadScores, _find, _ModuleSource, check_layout_fits, resolve_layout
+from ..heads.layout import check_parts, find_name, linear_frame
+from .scores import HeadScores
+from .sources import ModuleSource, check_source, scoring_layout
 
 KINDS = ("grad", "grad_x_weight", "fisher")
 
 
 def _find_module(modules: dict, suffix: str, where: str):
     """``(name, module, in_tuner)`` of the one module named like ``*suffix``; a PEFT layer gives its base."""
-    name = _find(modules, suffix, where)
+    name = find_name(modules, suffix, where)
     module = modules[name]
     if hasattr(module, "get_base_layer"):
         return name, module.get_base_layer(), True
@@ -56,10 +57,8 @@ class _Target:
 
     def reduce(self, grad: torch.Tensor) -> torch.Tensor:
         """float64 ``[num_heads]`` sums of this weight's entries owned by each query head."""
-        g = grad.float()
-        w = self.weight.detach().float()
-        if self.transposed:  # Conv1D [in, out] -> nn.Linear frame [out, in]
-            g, w = g.t(), w.t()
+        g = linear_frame(grad.float(), self.transposed)  # Conv1D [in, out] -> nn.Linear frame [out, in]
+        w = linear_frame(self.weight.detach().float(), self.transposed)
         if self.kind == "grad":
             e = g.abs()
         elif self.kind == "grad_x_weight":
@@ -122,20 +121,19 @@ def gradient_head_scores(model, batches, kind: str = "grad", parts=("q", "k", "v
     if not batches:
         raise ValueError("batches is empty: pass a list of batches (peft_alps.data.text_batches makes them).")
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    given = layout is not None
-    layout = resolve_layout(getattr(inner, "config", None), layout, "gradient_head_scores")
-    if given:
-        check_layout_fits(layout, _ModuleSource(inner).shape, parts)
+    config = getattr(inner, "config", None)
+    layout = scoring_layout(config, layout, "gradient_head_scores")
+    check_source(layout, ModuleSource(inner), config, parts, type(inner).__name__)
 
     h = layout.num_heads
-    index = {p: torch.tensor([c for i in range(h) for c in layout.part_channels(p, i)]) for p in parts}
+    index = {p: torch.tensor(layout.part_index(p)) for p in parts}
     modules = dict(model.named_modules())
     targets: dict[int, list[_Target]] = {}  # id(weight) -> targets (one per layer a weight serves)
     weights = {}
     for layer in range(layout.num_layers):
         for module_path in layout.module_names(parts):
             held = [p for p in parts if layout.modules[p] == module_path]
-            name, module, in_tuner = _find_module(modules, f"{layout.layers}.{layer}.{module_path}",
+            name, module, in_tuner = _find_module(modules, layout.module_name(layer, module_path),
                                                   type(model).__name__)
             weight = getattr(module, "weight", None)
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2:

@@ -1,7 +1,7 @@
 """GMT (gradient-mask tuning, Li et al. 2024) inside the trainable head slices.
 
-Before each optimizer step, every head-slice tensor (each adapter's ``headmask_delta``
-and ``headmask_bias`` entry, one tensor at a time) of an adapter with
+Before each optimizer step, every trainable head tensor (each of the adapter's delta-kind tensors,
+e.g. ``headmask_delta`` and ``headmask_bias``, one tensor at a time) of an adapter with
 ``grad_mask_ratio`` ``r > 0`` gets its ``floor(r * numel)`` smallest-``|g|``
 gradient entries set to zero.
 
@@ -59,7 +59,8 @@ def _masked_tensors():
     for layer in list(_LAYERS):
         for adapter, ratio in layer.headmask_grad_mask_ratio.items():
             if ratio > 0:
-                for params in (layer.headmask_delta, layer.headmask_bias):
+                for attr in layer.adapter_layer_names:
+                    params = getattr(layer, attr)
                     if adapter in params:
                         out.append((params[adapter], ratio))
     return out

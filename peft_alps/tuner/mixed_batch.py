@@ -37,7 +37,7 @@ def mixed_batch_hooks(tuner, *args, **kwargs):
         raise TypeError(f"adapter_names must be a list with one adapter name per sample ('{BASE}' for no "
                         f"adapter), got {type(adapter_names).__name__}.")
     layers = [m for m in tuner.modules() if isinstance(m, tuner.tuner_layer_cls)]
-    known = sorted(set().union(*(layer.headmask_delta.keys() for layer in layers)))
+    known = sorted(set().union(*(layer.headmask_kind.keys() for layer in layers)))
     unknown = sorted(set(adapter_names) - set(known) - {BASE})
     if unknown:
         raise ValueError(f"unknown adapter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; this "

@@ -7,7 +7,7 @@ import math
 import random
 
 
-def _check_ratio(ratio: float) -> None:
+def _check_selection_ratio(ratio: float) -> None:
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}.")
 
@@ -29,21 +29,23 @@ def random_heads(num_layers: int, num_heads: int, ratio: float = 0.1, seed: int 
 
     The ALPS paper's "Random" baseline. Returns ``{layer: sorted heads}`` with layers sorted.
     """
-    _check_ratio(ratio)
+    _check_selection_ratio(ratio)
     total = num_layers * num_heads
     picks = random.Random(seed).sample(range(total), head_count(ratio, total))
     return _as_selection(divmod(i, num_heads) for i in picks)
 
 
 def select_heads(scores, ratio: float = 0.1, per_layer: bool = False) -> dict[int, list[int]]:
-    """The best-scoring heads of a :class:`~peft_alps.localize.HeadScores`.
+    """The best-scoring heads of a :class:`~peft_alps.scoring.scores.HeadScores`.
 
     ``per_layer=False`` (ALPS): the ``K = ceil(ratio * num_layers * num_heads)`` highest scores over all
     layers. ``per_layer=True``: the ``ceil(ratio * num_heads)`` highest scores in every layer.
     Ties go to the lower layer, then the lower head.
     """
-    _check_ratio(ratio)
+    _check_selection_ratio(ratio)
     num_layers, num_heads = scores.scores.shape
+    if scores.scores.isnan().any():
+        raise ValueError("HeadScores contain NaN; cannot rank heads.")
     if not per_layer:
         return _as_selection((layer, head) for layer, head, _ in scores.top(head_count(ratio, num_layers * num_heads)))
     k = head_count(ratio, num_heads)
@@ -59,7 +61,7 @@ def layer_consistent_heads(num_layers: int, num_heads: int, ratio: float = 0.1, 
     Every layer gets ``K // num_layers`` heads and ``K % num_layers`` randomly chosen layers get one more,
     so per-layer counts differ by at most 1 and the total is exactly ``K``. Heads within a layer are random.
     """
-    _check_ratio(ratio)
+    _check_selection_ratio(ratio)
     rng = random.Random(seed)
     total = head_count(ratio, num_layers * num_heads)
     extra = set(rng.sample(range(num_layers), total % num_layers))

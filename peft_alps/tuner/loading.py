@@ -1,4 +1,4 @@
-"""Adapter tensor names, and the guarantee that loading an adapter's weights loads all of them.
+"""The guarantee that loading an adapter's weights loads all of them.
 
 PEFT saves a head-mask adapter's tensors as ``base_model.model.<module>.headmask_delta`` (and
 ``.headmask_bias``) and loads them with ``load_state_dict(strict=False)``, which silently skips a tensor
@@ -16,10 +16,10 @@ import re
 
 from torch import nn
 
-PREFIX = "base_model.model."
-DELTA, BIAS = "headmask_delta", "headmask_bias"
-_ADAPTER_KEY = re.compile(rf"\.(?:{DELTA}|{BIAS})\.([^.]+)$")  # as loaded: with the adapter name
-_HEAD_TENSOR = re.compile(rf"\.(?:{DELTA}|{BIAS})(?:\.[^.]+)?$")  # PEFT leaves it out for unwrapped modules
+from ..heads.delta import TENSOR_PREFIX
+
+_ADAPTER_KEY = re.compile(rf"\.{TENSOR_PREFIX}[A-Za-z0-9_]+\.([^.]+)$")  # as loaded: with the adapter name
+_HEAD_TENSOR = re.compile(rf"\.{TENSOR_PREFIX}[A-Za-z0-9_]+(?:\.[^.]+)?$")  # PEFT leaves it out for unwrapped modules
 
 
 class AdapterLoadError(ValueError):

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write
+from .safetensors import header_bytes, read_header
+
 CHECKSUM_KEY = "peft_alps_delta_sha256"
 _UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 
@@ -89,8 +92,6 @@ def check_fingerprint(recorded, current: dict, what: str, force: bool = False, w
 # ----- delta checksum -----
 def file_checksum(path) -> str:
     """SHA-256 of a safetensors file's tensor entries (names, dtypes, shapes, offsets) and data bytes."""
-    from .merge import read_header
-
     shard = read_header(Path(path))
     entries = {e.name: [e.dtype, list(e.shape), e.begin, e.end] for e in shard.entries.values()}
     digest = hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode())
@@ -103,8 +104,6 @@ def file_checksum(path) -> str:
 
 def recorded_checksum(path) -> str | None:
     """The checksum stamped in the file's metadata, or None."""
-    from .merge import read_header
-
     return (read_header(Path(path)).metadata or {}).get(CHECKSUM_KEY)
 
 
@@ -128,9 +127,6 @@ def _report(message: str, fix: str, warn: bool) -> None:
 
 def stamp_checksum(path) -> None:
     """Write the checksum into the file's ``__metadata__`` (atomically; the tensor bytes are copied as they are)."""
-    from .fileio import atomic_write
-    from .merge import read_header
-
     path = Path(path)
     shard = read_header(path)
     checksum = file_checksum(path)
@@ -138,13 +134,8 @@ def stamp_checksum(path) -> None:
     if metadata.get(CHECKSUM_KEY) == checksum:
         return
     metadata[CHECKSUM_KEY] = checksum
-    header = {"__metadata__": metadata}
-    header.update({e.name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
-                   for e in shard.entries.values()})
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
     with open(path, "rb") as src, atomic_write(path, "wb") as dst:
-        dst.write(len(raw).to_bytes(8, "little") + raw)
+        dst.write(header_bytes(shard.entries.values(), metadata))
         src.seek(shard.data_start)
         for chunk in iter(lambda: src.read(1 << 20), b""):
             dst.write(chunk)

@@ -9,26 +9,19 @@ human summary between two HTML comments; saving again replaces that section and 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from .fileio import atomic_write
-from .layout import HeadLayout
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_config, read_heads, split_head_key
+from .files import atomic_write
+from .safetensors import SafetensorsError, read_header
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"
 TAGS = ("peft-alps", "head-mask")
 _START, _END = "<!-- peft-alps summary: start -->", "<!-- peft-alps summary: end -->"
-_DELTA_SUFFIXES = (".headmask_delta", ".headmask_bias")
 _AUTO_CLASS = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
                "TOKEN_CLS": "AutoModelForTokenClassification", "QUESTION_ANS": "AutoModelForQuestionAnswering",
                "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
-
-
-class AdapterError(ValueError):
-    """The folder is not a readable head-mask adapter."""
 
 
 def summarize(folder) -> dict:
@@ -43,47 +36,32 @@ def summarize(folder) -> dict:
     slices), ``extra_params`` / ``extra_bytes`` (``modules_to_save``), ``dtypes``, ``file_bytes`` (None when the
     weights file is missing).
     """
-    from .merge import MergeError, read_header
-
     folder = Path(folder)
-    config_file = folder / CONFIG_NAME
-    if not config_file.is_file():
-        raise AdapterError(f"{folder} has no {CONFIG_NAME}: not a saved PEFT adapter folder.")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"cannot read {config_file}: {e}") from None
-    peft_type = str(config.get("peft_type", "")).split(".")[-1]
-    if peft_type != "HEADMASK" or not config.get("heads") or not config.get("layout"):
-        raise AdapterError(f"{folder} holds a {peft_type or 'untyped'} adapter, not a peft-alps head-mask "
-                           f"(HEADMASK) adapter with heads and layout.")
-    try:
-        layout = HeadLayout.from_dict(config["layout"])
-    except (ValueError, TypeError) as e:  # LayoutError (a ValueError) names the unknown, missing or ill-typed key
-        raise AdapterError(f"{config_file}: {e}") from None
+    config = read_config(folder)
+    heads, parts, layout = read_heads(config, folder / CONFIG_NAME)
     mapping = config.get("auto_mapping") or {}  # PEFT records the base class when there is no task_type
     base_class = _AUTO_CLASS.get(str(config.get("task_type")).split(".")[-1])
     if base_class is None and str(mapping.get("parent_library", "")).startswith("transformers"):
         base_class = mapping.get("base_model_class")
-    heads = {int(layer): sorted(hs) for layer, hs in config["heads"].items()}
     selected = sum(map(len, heads.values()))
     total = layout.num_layers * layout.num_heads
-    info = dict(peft_type=peft_type, base_model=config.get("base_model_name_or_path"),
-                task_type=config.get("task_type"), base_class=base_class or "AutoModel", model_type=layout.model_type, num_layers=layout.num_layers,
+    info = dict(peft_type="HEADMASK", base_model=config.get("base_model_name_or_path"),
+                task_type=config.get("task_type"), base_class=base_class or "AutoModel",
+                model_type=layout.model_type, num_layers=layout.num_layers,
                 num_heads=layout.num_heads, num_kv_heads=layout.num_kv_heads, heads=heads, selected=selected,
                 total=total, ratio=selected / total,
                 kv_groups=len({(layer, layout.kv_group(h)) for layer, hs in heads.items() for h in hs}),
-                parts=list(config.get("parts") or []), selection=config.get("selection"),
+                parts=parts, selection=config.get("selection"),
                 modules=len(config.get("target_modules") or []), delta_params=0, delta_bytes=0, extra_params=0,
                 extra_bytes=0, dtypes=[], file_bytes=None)
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
         try:
             shard = read_header(weights)
-        except MergeError as e:
+        except SafetensorsError as e:
             raise AdapterError(str(e)) from None
         for entry in shard.entries.values():
-            kind = "delta" if entry.name.endswith(_DELTA_SUFFIXES) else "extra"
+            kind = "delta" if split_head_key(entry.name) else "extra"
             info[f"{kind}_params"] += math.prod(entry.shape)
             info[f"{kind}_bytes"] += entry.nbytes
         info["dtypes"] = sorted({e.dtype for e in shard.entries.values()})

@@ -5,8 +5,10 @@ Conventions used throughout peft_alps:
 
 * Indices are expressed in the ``nn.Linear`` frame: a projection maps
   ``in_features -> out_features`` and its weight is ``[out, in]``. GPT-2's
-  ``Conv1D`` stores the transpose (``[in, out]``, ``y = x @ W + b``); the layer
-  code handles that, the layout does not care.
+  ``Conv1D`` stores the transpose (``[in, out]``, ``y = x @ W + b``): ``transposed``
+  layouts, and :func:`linear_frame` / :meth:`HeadLayout.stored_dim` translate.
+* A head's channels lie on one *axis* of a projection (:meth:`HeadLayout.head_axis`):
+  ``"out"`` (rows of the ``nn.Linear`` weight: q/k/v) or ``"in"`` (columns: o).
 * q, k and v are *output* slices (rows of an ``nn.Linear`` weight): query head
   ``h`` owns ``head_dim`` output channels of q; its key/value group
   ``g(h) = h // (num_heads // num_kv_heads)`` owns ``head_dim`` channels of k and v.
@@ -25,6 +27,29 @@ import re
 from dataclasses import asdict, dataclass, field
 
 PARTS = ("q", "k", "v", "o")
+AXES = ("out", "in")  # nn.Linear-frame axis of a head's channels: weight rows (q/k/v) or columns (o)
+
+
+def linear_dim(axis: str) -> int:
+    """The ``nn.Linear``-frame weight dimension (``[out, in]``) of ``axis``: 0 for ``"out"``, 1 for ``"in"``."""
+    return AXES.index(axis)
+
+
+def linear_frame(weight, transposed: bool):
+    """``weight`` viewed in the ``nn.Linear`` frame ``[out, in]``: transposed for a GPT-2 ``Conv1D`` (``[in, out]``)."""
+    return weight.t() if transposed else weight
+
+
+def find_name(names, suffix: str, where: str, missing_ok: bool = False):
+    """The one name of ``names`` equal to ``suffix`` or ending with ``"." + suffix`` (None if there is none and
+    ``missing_ok``); LayoutError naming ``where`` if there is none or several."""
+    hits = [n for n in names if n == suffix or n.endswith("." + suffix)]
+    if missing_ok and not hits:
+        return None
+    if len(hits) != 1:
+        problem = "no tensor" if not hits else f"{len(hits)} tensors ({hits[:3]})"
+        raise LayoutError(f"{where}: {problem} named like '*{suffix}'.")
+    return hits[0]
 
 
 def check_parts(parts) -> list[str]:
@@ -240,9 +265,42 @@ class HeadLayout:
                     chans.update(self.part_channels(part, h))
         return sorted(chans)
 
-    def slice_dim(self, module: str) -> str:
-        """``"in"`` if ``module`` is the output projection (head = input columns), else ``"out"``."""
+    def head_axis(self, module: str) -> str:
+        """The axis of ``module`` (a value of ``self.modules``) that holds the heads' channels, in the
+        ``nn.Linear`` frame: ``"in"`` (columns) for the output projection, ``"out"`` (rows) for q/k/v."""
         return "in" if module == self.modules["o"] else "out"
+
+    def stored_dim(self, module: str) -> int:
+        """The dimension of ``module``'s *stored* weight that :meth:`head_axis` is (``transposed`` swaps it)."""
+        return linear_dim(self.head_axis(module)) ^ int(self.transposed)
+
+    def linear_shape(self, stored_shape) -> tuple[int, int]:
+        """``(out_features, in_features)`` of a stored 2-D weight shape."""
+        return tuple(stored_shape[::-1] if self.transposed else stored_shape)
+
+    def part_index(self, part: str) -> list[int]:
+        """Channels of ``part`` for every query head, in head order (``num_heads * head_dim`` entries; under GQA
+        the key/value group's channels repeat for each query head of the group)."""
+        return [c for head in range(self.num_heads) for c in self.part_channels(part, head)]
+
+    def module_name(self, layer: int, module: str) -> str:
+        """The block-relative name of ``module`` in ``layer``, e.g. ``"layers.3.self_attn.q_proj"``."""
+        return f"{self.layers}.{layer}.{module}"
+
+    def targets(self, heads: dict, parts) -> dict:
+        """``{(layer, module path): (channels, axis)}`` of every projection an adapter training ``heads``
+        (``{layer: sorted heads}``, as :func:`normalise_heads` gives) on ``parts`` touches; LayoutError if a layer
+        or head does not exist in this layout."""
+        bad_layers = [layer for layer in heads if layer >= self.num_layers]
+        if bad_layers:
+            raise LayoutError(f"heads names layer(s) {bad_layers} but the model has {self.num_layers} layers "
+                              f"(valid: 0..{self.num_layers - 1}).")
+        for layer, hs in heads.items():
+            if hs[-1] >= self.num_heads:
+                raise LayoutError(f"heads[{layer}] = {hs} but each layer has {self.num_heads} query heads "
+                                  f"(valid: 0..{self.num_heads - 1}).")
+        return {(layer, module): (self.channels(module, parts, hs), self.head_axis(module))
+                for layer, hs in heads.items() for module in self.module_names(parts)}
 
     def module_names(self, parts) -> list[str]:
         """Distinct module paths (inside a block) that hold the given parts, in q, k, v, o order."""
@@ -259,18 +317,19 @@ class HeadLayout:
         per_part = {"q": self.num_heads, "k": self.num_kv_heads, "v": self.num_kv_heads}
         return sum(per_part[p] for p in "qkv" if self.modules[p] == module) * d, self.hidden_size
 
-    def check_model(self, shapes: dict, config=None, where: str = "the model") -> dict:
+    def check_model(self, shapes: dict, config=None, where: str = "the model", parts=PARTS) -> dict:
         """Check this layout against a real model; return ``{(layer, module path): full module name}``.
 
         ``shapes``: full module name -> ``(out_features, in_features)`` in the ``nn.Linear`` frame, for the
         model's projections (extra names are ignored); ``config``: the model's transformers config, if any.
-        Every layer ``0..num_layers-1`` must hold each q/k/v/o module exactly once (one layer stack), with the
-        features :meth:`features` implies, and the config's head counts and sizes must agree. LayoutError
-        naming the field to fix otherwise.
+        Every layer ``0..num_layers-1`` must hold each module of ``parts`` exactly once (one layer stack), with
+        the features :meth:`features` implies, and the config's head counts and sizes must agree. LayoutError
+        naming the field to fix otherwise. The one layout-vs-model check: the live model, the scorers (which
+        may read checkpoints holding q/k/v only: ``parts``) and the file merge all use it.
         """
         found: dict = {}
         for name in shapes:
-            hit = self.locate(name, PARTS)
+            hit = self.locate(name, parts)
             if hit is not None:
                 found.setdefault(hit, []).append(name)
         stacks = {k: v for k, v in found.items() if len(v) > 1}
@@ -279,25 +338,35 @@ class HeadLayout:
             prefixes = sorted(n[: n.index(f"{self.layers}.{layer}.")] + self.layers for n in names)
             raise LayoutError(f"layout.layers={self.layers!r} matches several layer stacks in {where} "
                               f"({prefixes}): set layers to exactly one of them, e.g. {prefixes[0]!r}.")
-        modules = self.module_names(PARTS)
+        modules = self.module_names(parts)
         missing = [(i, m) for i in range(self.num_layers) for m in modules if (i, m) not in found]
         if missing:
-            raise LayoutError(f"Could not find the attention module(s) {missing[:4]} (layer, path) in {where}; the "
-                              f"layout's module names {self.modules} under '{self.layers}.N' (num_layers="
-                              f"{self.num_layers}) do not match it.")
+            names = ", ".join(self.module_name(layer, module) for layer, module in missing[:4])
+            raise LayoutError(f"Could not find the attention module(s) {names} in {where}; the layout's module "
+                              f"names {self.modules} under '{self.layers}.N' (num_layers={self.num_layers}) do not "
+                              f"match it.")
         beyond = sorted({i for i, _ in found if i >= self.num_layers})
         if beyond:
-            raise LayoutError(f"layout.num_layers={self.num_layers} but {where} has attention layers up to "
-                              f"{beyond[-1]}: set num_layers={beyond[-1] + 1}.")
-        for (layer, module), (name,) in sorted(found.items()):
-            want, got = self.features(module), tuple(shapes[name])
-            if got != want:
-                raise LayoutError(f"{name} has {got[0]} output and {got[1]} input features but the layout implies "
-                                  f"{want[0]} x {want[1]}: check {self._suspects(module, got, want)} "
-                                  f"({self.to_dict()}).")
+            first = next(found[(beyond[0], m)][0] for m in modules if (beyond[0], m) in found)
+            raise LayoutError(f"{where} has {first} but layout num_layers={self.num_layers}: set "
+                              f"num_layers={beyond[-1] + 1}.")
+        for layer in range(self.num_layers):
+            for module in modules:
+                (name,) = found[(layer, module)]
+                want, got = self.features(module), tuple(shapes[name])
+                if got != want:
+                    wrong = " and ".join(f"{got[i]} {side} features" for i, side in enumerate(("output", "input"))
+                                         if got[i] != want[i])
+                    raise LayoutError(f"{name} has {wrong} but the layout implies {want[0]} x {want[1]} (output x "
+                                      f"input): the layout does not match {where}; check "
+                                      f"{self._suspects(module, got, want)} (layout: {self._fields()}).")
         if config is not None:
             self._check_config(config, where)
         return {key: names[0] for key, names in found.items()}
+
+    def _fields(self) -> str:
+        """The layout as ``key=value`` pairs (for error messages)."""
+        return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in self.to_dict().items())
 
     def _suspects(self, module: str, got, want) -> str:
         """The layout fields a wrong feature count points at (for the error message)."""
@@ -336,29 +405,81 @@ _LAYOUT_DEFAULTS = {"fused": None, "transposed": False}
 _INT_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")
 
 
-def resolve_layout(recorded, model_config) -> HeadLayout:
+def resolve_layout(recorded, model_config, fix: str = "") -> HeadLayout:
     """The one layout resolution used by the live model, the scorers and the file merge.
 
     ``recorded``: a layout passed by the user or saved with an adapter (HeadLayout, dict or None);
     ``model_config``: the model's transformers config. For an architecture in :data:`ARCHITECTURES` a recorded
     layout must equal the derived one in every field but ``model_type``; for any other architecture the recorded
-    layout is required. The result still has to pass :meth:`HeadLayout.check_model` against the real modules.
+    layout is required (``fix`` is added to that error: how the caller takes a layout). The result still has to
+    pass :meth:`HeadLayout.check_model` against the real modules.
     """
     recorded = None if recorded is None else HeadLayout.coerce(recorded)
     try:
         derived = HeadLayout.from_model_config(model_config)
-    except LayoutError:
+    except LayoutError as e:
         if recorded is None:
-            raise
+            raise LayoutError(f"{e}{f' {fix}' if fix else ''}") from None
         return recorded
     if recorded is None:
         return derived
     mine, theirs = recorded.to_dict(), derived.to_dict()
     differ = [k for k in mine if k != "model_type" and mine[k] != theirs[k]]
     if differ:
-        raise LayoutError(f"The layout (recorded with the adapter or passed in the config) was made for "
-                          f"{recorded.model_type} attention shaped "
-                          f"{ {k: mine[k] for k in differ} } but this {derived.model_type} model has "
-                          f"{ {k: theirs[k] for k in differ} }: load the adapter onto the base model it was trained "
-                          f"on; for a built-in architecture leave layout unset.")
+        raise LayoutError(f"The layout (recorded with the adapter, or passed in) does not match this "
+                          f"{derived.model_type} model: it was made for {recorded.model_type} attention shaped "
+                          f"{ {k: mine[k] for k in differ} } but this model has { {k: theirs[k] for k in differ} }: "
+                          f"load the adapter onto the base model it was trained on; for a built-in architecture leave "
+                          f"layout unset.")
     return recorded
+
+
+# ----- head selections -----
+def normalise_heads(heads) -> dict[int, list[int]]:
+    """``heads`` validated and returned with int layer keys (sorted) and sorted, distinct int heads.
+
+    Layer keys: integers (numpy / 0-d tensor integers too) or decimal strings, as after a JSON round trip.
+    Heads: an integer or a list of integers per layer. Bools, floats and keys that name the same layer twice
+    (``{0: ..., "0": ...}``) are refused: each would silently select other heads than the ones written.
+    """
+    example = "e.g. heads={3: [0, 5], 11: [2]} (peft_alps.select_heads(scores) produces one)"
+    if isinstance(heads, (list, tuple)):
+        raise ValueError(f"heads must be a dict of layer index -> list of query heads, {example}; got a "
+                         f"{type(heads).__name__}. For one list of heads per layer use dict(enumerate(lists)).")
+    if not isinstance(heads, dict) or not heads:
+        raise ValueError(f"heads is empty: pass a dict of layer index -> list of query heads, {example}.")
+    out, written = {}, {}
+    for layer, hs in heads.items():
+        layer_idx = _layer_index(layer)
+        if layer_idx in out:
+            raise ValueError(f"heads names layer {layer_idx} twice (as {written[layer_idx]!r} and {layer!r}): "
+                             f"merge the two lists under one key.")
+        if is_index(hs):
+            hs = [hs]
+        elif isinstance(hs, (list, tuple, range)) or _is_vector(hs):
+            hs = list(hs)
+        else:
+            raise ValueError(f"heads[{layer_idx}] must be a list of query-head indices, got {hs!r}.")
+        if not hs:
+            raise ValueError(f"heads[{layer_idx}] is empty: drop the layer or list at least one head.")
+        bad = [h for h in hs if not is_index(h) or h < 0]
+        if bad:
+            raise ValueError(f"heads[{layer_idx}] = {hs}: head indices must be non-negative integers, got "
+                             f"{bad[:3]}.")
+        out[layer_idx], written[layer_idx] = sorted({int(h) for h in hs}), layer
+    return dict(sorted(out.items()))
+
+
+def _layer_index(layer) -> int:
+    """A layer key as an int: an integer, or a string of decimal digits (JSON object keys are strings)."""
+    if isinstance(layer, str) and layer.strip().isdecimal():
+        return int(layer)
+    if is_index(layer) and layer >= 0:
+        return int(layer)
+    raise ValueError(f"heads has a non-integer layer key {layer!r}: layer keys must be non-negative integers (or their "
+                     f"decimal strings).")
+
+
+def _is_vector(value) -> bool:
+    """A 1-D numpy array or tensor (of head indices)."""
+    return len(getattr(value, "shape", ())) == 1

@@ -1,4 +1,4 @@
-"""Writing files all-or-nothing: a temporary file next to the target, then ``os.replace``."""
+"""Writing files and folders all-or-nothing: a temporary file or folder next to the target, then a rename."""
 
 from __future__ import annotations
 
@@ -37,12 +37,14 @@ def atomic_write(path, mode: str = "w"):
 
 
 @contextlib.contextmanager
-def staged_folder(out, stale=()):
+def staged_folder(out, stale=(), whole: bool = False):
     """``with staged_folder(out) as stage:`` write files into ``stage``, a temp folder next to ``out``.
 
-    On success they land in ``out`` together: ``stage`` is renamed to ``out`` if ``out`` does not exist, else
-    each file replaces its namesake in ``out`` (other files stay; the names in ``stale`` are removed, for files
-    that would no longer match). On an exception ``out`` is untouched and ``stage`` is removed.
+    On success they land in ``out`` together: ``stage`` is renamed to ``out`` if ``out`` does not exist. An
+    existing ``out`` is, with ``whole``, swapped out as a whole (moved aside, replaced by ``stage``, deleted only
+    once the new one is in place); without, each staged file replaces its namesake in ``out`` (other files stay;
+    the names in ``stale`` are removed, for files that would no longer match). On an exception ``out`` is
+    untouched and ``stage`` is removed.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -56,11 +58,28 @@ def staged_folder(out, stale=()):
             os.chmod(stage / name, 0o666 & ~mask)
         if not out.exists():
             os.rename(stage, out)
-            return
-        for name in names:
-            os.replace(stage / name, out / name)
-        for name in stale:
-            with contextlib.suppress(FileNotFoundError):
-                (out / name).unlink()
+        elif whole:
+            _swap_folder(stage, out)
+        else:
+            for name in names:
+                os.replace(stage / name, out / name)
+            for name in stale:
+                with contextlib.suppress(FileNotFoundError):
+                    (out / name).unlink()
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _swap_folder(stage: Path, out: Path) -> None:
+    """Rename ``stage`` to the existing folder ``out``, which is moved aside first and deleted only on success."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    try:
+        os.rename(out, trash / "old")
+        try:
+            os.rename(stage, out)
+        except BaseException:
+            os.rename(trash / "old", out)
+            raise
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(trash)

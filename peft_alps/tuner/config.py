@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import numbers
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from .layout import HeadLayout, check_parts, is_index
+from ..heads.delta import delta_kind
+from ..heads.layout import HeadLayout, check_parts, normalise_heads
+from ..io.adapter import WEIGHTS_NAME
+from ..io.card import write_model_card
+from ..io.integrity import stamp_checksum
 
 FORWARD_STRATEGIES = ("merged", "output_add")
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 @dataclass
@@ -59,12 +62,17 @@ class HeadMaskConfig(PeftConfig):
             "into the selected channels (no weight copy)."
         },
     )
+    delta_kind: str = field(
+        default="dense",
+        metadata={"help": "How the selected slices are trained (peft_alps.heads.delta): 'dense' (default, ALPS) "
+                  "trains every entry of the slices; other kinds are registered with register_delta_kind."},
+    )
     grad_mask_ratio: float = field(
         default=0.0,
         metadata={
             "help": "GMT (gradient-mask tuning): before each optimizer step, zero the floor(ratio * numel) "
             "smallest-|gradient| entries of every head-slice tensor (per tensor, on the accumulated gradient). "
-            "In [0, 1); 0 (default) trains every entry of the slices. See peft_alps.gmt."
+            "In [0, 1); 0 (default) trains every entry of the slices. See peft_alps.tuner.gmt."
         },
     )
     init_weights: bool = field(
@@ -85,7 +93,7 @@ class HeadMaskConfig(PeftConfig):
     base_fingerprint: Optional[dict] = field(
         default=None,
         metadata={"help": "Filled automatically: a sketch of the base weight slices the adapter was made on "
-                  "(peft_alps.integrity), checked when the adapter is loaded, merged or exported; do not set it."},
+                  "(peft_alps.io.integrity), checked when the adapter is loaded, merged or exported; do not set it."},
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
@@ -104,7 +112,8 @@ class HeadMaskConfig(PeftConfig):
             raise ValueError(
                 f"forward_strategy must be one of {FORWARD_STRATEGIES}, got {self.forward_strategy!r}."
             )
-        self.grad_mask_ratio = _check_ratio(self.grad_mask_ratio)
+        delta_kind(self.delta_kind)  # ValueError naming the known kinds
+        self.grad_mask_ratio = _check_grad_mask_ratio(self.grad_mask_ratio)
         if self.layout is not None:  # a HeadLayout object or its dict; validated here, stored as a dict
             self.layout = HeadLayout.coerce(self.layout).to_dict()
         if self.selection is not None and not isinstance(self.selection, dict):
@@ -112,14 +121,11 @@ class HeadMaskConfig(PeftConfig):
                              f"{type(self.selection).__name__}.")
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        """PEFT's ``adapter_config.json``, then the Hub model card (``README.md``, :mod:`peft_alps.card`).
+        """PEFT's ``adapter_config.json``, then the Hub model card (``README.md``, :mod:`peft_alps.io.card`).
 
         ``PeftModel.save_pretrained`` writes the weights and PEFT's own card before calling this, so the card's
         summary describes the saved weights."""
         super().save_pretrained(save_directory, **kwargs)
-        from .card import write_model_card
-        from .integrity import stamp_checksum
-
         weights = Path(save_directory) / WEIGHTS_NAME
         if weights.is_file():  # PEFT wrote it just before; transformers writes it after the config (no stamp)
             stamp_checksum(weights)
@@ -146,59 +152,9 @@ class HeadMaskConfig(PeftConfig):
         return sum(len(v) for v in self.heads.values())
 
 
-def _check_ratio(ratio) -> float:
+def _check_grad_mask_ratio(ratio) -> float:
     ok = isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and 0 <= ratio < 1
     if not ok:
         raise ValueError(f"grad_mask_ratio must be a number in [0, 1) (fraction of gradient entries zeroed per "
                          f"step; 0 disables gradient masking), got {ratio!r}.")
     return float(ratio)
-
-
-def normalise_heads(heads) -> dict[int, list[int]]:
-    """``heads`` validated and returned with int layer keys (sorted) and sorted, distinct int heads.
-
-    Layer keys: integers (numpy / 0-d tensor integers too) or decimal strings, as after a JSON round trip.
-    Heads: an integer or a list of integers per layer. Bools, floats and keys that name the same layer twice
-    (``{0: ..., "0": ...}``) are refused: each would silently select other heads than the ones written.
-    """
-    example = "e.g. heads={3: [0, 5], 11: [2]} (peft_alps.select_heads(scores) produces one)"
-    if isinstance(heads, (list, tuple)):
-        raise ValueError(f"heads must be a dict of layer index -> list of query heads, {example}; got a "
-                         f"{type(heads).__name__}. For one list of heads per layer use dict(enumerate(lists)).")
-    if not isinstance(heads, dict) or not heads:
-        raise ValueError(f"heads is empty: pass a dict of layer index -> list of query heads, {example}.")
-    out, written = {}, {}
-    for layer, hs in heads.items():
-        layer_idx = _layer_index(layer)
-        if layer_idx in out:
-            raise ValueError(f"heads names layer {layer_idx} twice (as {written[layer_idx]!r} and {layer!r}): "
-                             f"merge the two lists under one key.")
-        if is_index(hs):
-            hs = [hs]
-        elif isinstance(hs, (list, tuple, range)) or _is_vector(hs):
-            hs = list(hs)
-        else:
-            raise ValueError(f"heads[{layer_idx}] must be a list of query-head indices, got {hs!r}.")
-        if not hs:
-            raise ValueError(f"heads[{layer_idx}] is empty: drop the layer or list at least one head.")
-        bad = [h for h in hs if not is_index(h) or h < 0]
-        if bad:
-            raise ValueError(f"heads[{layer_idx}] = {hs}: head indices must be non-negative integers, got "
-                             f"{bad[:3]}.")
-        out[layer_idx], written[layer_idx] = sorted({int(h) for h in hs}), layer
-    return dict(sorted(out.items()))
-
-
-def _layer_index(layer) -> int:
-    """A layer key as an int: an integer, or a string of decimal digits (JSON object keys are strings)."""
-    if isinstance(layer, str) and layer.strip().isdecimal():
-        return int(layer)
-    if is_index(layer) and layer >= 0:
-        return int(layer)
-    raise ValueError(f"heads has a non-integer layer key {layer!r}: layer keys must be non-negative integers (or their "
-                     f"decimal strings).")
-
-
-def _is_vector(value) -> bool:
-    """A 1-D numpy array or tensor (of head indices)."""
-    return len(getattr(value, "shape", ())) == 1

@@ -1,0 +1,291 @@
+"""The head-mask tuner layer: a frozen projection plus trainable updates of the selected heads' channels.
+
+Frame: everything here is in the ``nn.Linear`` frame, ``y = x @ W^T + b`` with
+``W`` of shape ``[out, in]``. GPT-2's ``Conv1D`` (``y = x @ W + b``, ``W`` of
+shape ``[in, out]``) is handled by viewing its weight transposed.
+
+Per adapter ``a`` the layer holds
+* ``headmask_index[a]``: the selected channels, a LongTensor in a non-persistent ``BufferDict`` (it moves with
+  ``.to()`` and is rebuilt from the config, never saved),
+* ``headmask_axis[a]``: ``"out"`` (rows: q/k/v channels) or ``"in"`` (columns: o),
+* ``headmask_kind[a]``: the delta kind (:mod:`peft_alps.heads.delta`), whose trainable tensors live in the
+  ``ParameterDict`` attributes ``headmask_<tensor>`` (dense slices: ``headmask_delta`` ``[n, in]`` or
+  ``[out, n]`` and ``headmask_bias`` ``[n]`` for the rows of a biased projection),
+* ``headmask_grad_mask_ratio[a]``: GMT ratio; if > 0 the layer is tracked by :mod:`peft_alps.tuner.gmt`, which
+  masks the small gradients of ``a``'s tensors before each optimizer step.
+
+Everything that applies an adapter goes through its *slice update* ``(D, bias update)``
+(:meth:`HeadMaskLayer.slice_update`): the effective weight is ``W`` with the selected slices replaced by
+``merged_slice(W_slice, D)`` (:func:`~peft_alps.heads.delta.merged_slice`); forward, merge and export all use
+this one formula (:func:`apply_slices`), so merged outputs equal adapter outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..heads.delta import TENSOR_PREFIX, DenseSlice, delta_kind, merged_slice
+from ..heads.layout import linear_dim, linear_frame
+from . import gmt
+from .mixed_batch import BASE, check_layer_call
+
+
+def apply_slices(weight, bias, slices, updates):
+    """Return ``(weight, bias)`` with every adapter's slice updates merged in (out of place).
+
+    ``weight``: ``[out, in]`` (nn.Linear frame); ``slices``: tuple of ``(axis, index)``;
+    ``updates``: flat tuple ``(D_0, bias update_0 or None, D_1, ...)``.
+    """
+    for (axis, idx), delta, bias_delta in zip(slices, updates[0::2], updates[1::2]):
+        d = linear_dim(axis)
+        weight = weight.index_copy(d, idx, merged_slice(weight.index_select(d, idx), delta))
+        if bias_delta is not None and bias is not None:  # bias=None: weight only (backward recompute)
+            bias = bias.index_copy(0, idx, merged_slice(bias.index_select(0, idx), bias_delta))
+    return weight, bias
+
+
+class _MergedSliceLinear(torch.autograd.Function):
+    """``F.linear`` with the slice updates merged into a temporary weight; backward returns ``grad_x`` and the
+    updates' gradients only (never a full ``[out, in]`` weight gradient). Autograd carries the updates'
+    gradients on to the delta kind's tensors (for dense slices the update is the tensor itself)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, slices, *updates):
+        w, b = apply_slices(weight, bias, slices, updates)
+        ctx.save_for_backward(x, weight, *[u if u is not None else torch.empty(0) for u in updates])
+        ctx.slices = slices
+        ctx.has_update = [u is not None for u in updates]
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, *saved = ctx.saved_tensors
+        updates = tuple(u if has else None for u, has in zip(saved, ctx.has_update))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w, _ = apply_slices(weight, None, ctx.slices, updates)  # recomputed: no weight copy kept alive
+            grad_x = grad_out @ w
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grads = []
+        for (axis, idx), delta, bias_delta in zip(ctx.slices, updates[0::2], updates[1::2]):
+            if axis == "out":
+                g_sel = g2.index_select(1, idx)
+                grads.append((g_sel.t() @ x2).to(delta.dtype))
+                grads.append(None if bias_delta is None else g_sel.sum(0).to(bias_delta.dtype))
+            else:
+                grads.append((g2.t() @ x2.index_select(1, idx)).to(delta.dtype))
+                grads.append(None)
+        return (grad_x, None, None, None, *grads)
+
+
+class HeadMaskLayer(BaseTunerLayer):
+    """Mixin holding the per-adapter head slices of one projection (see module docstring)."""
+
+    # the dense kind's tensors; a kind with other tensors adds its attributes per instance (as PEFT's DoRA does)
+    adapter_layer_names = tuple(TENSOR_PREFIX + t for t in DenseSlice.tensors)
+    other_param_names = ("headmask_index", "headmask_axis", "headmask_kind", "headmask_strategy",
+                         "headmask_grad_mask_ratio")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        for attr in self.adapter_layer_names:
+            setattr(self, attr, nn.ParameterDict({}))
+        self.headmask_index = BufferDict({}, persistent=False)
+        self.headmask_axis: dict[str, str] = {}
+        self.headmask_kind: dict[str, str] = {}
+        self.headmask_strategy: dict[str, str] = {}
+        self.headmask_grad_mask_ratio: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        # stack of (axis, index, original weight slice, original bias slice) for bit-exact unmerge
+        self._merge_backup: list[tuple] = []
+        base = self.get_base_layer()
+        if not isinstance(base, (nn.Linear, Conv1D)):
+            raise TypeError(f"HeadMask can wrap nn.Linear or transformers Conv1D modules, got {type(base).__name__}.")
+        self.is_conv1d = isinstance(base, Conv1D)
+        self.in_features, self.out_features = _get_in_out_features(base)
+
+    def update_layer(self, adapter_name, channels, axis, config, inference_mode=False) -> None:
+        """Add adapter ``adapter_name`` training ``channels`` along ``axis`` (``"out"`` rows / ``"in"`` columns),
+        as ``config`` (a :class:`~peft_alps.tuner.config.HeadMaskConfig`) asks: delta kind, initialisation,
+        forward strategy, GMT ratio."""
+        limit = self.out_features if axis == "out" else self.in_features
+        if not channels or max(channels) >= limit or min(channels) < 0:
+            raise ValueError(f"Head channels {channels[:3]}...{channels[-3:]} do not fit a {axis}-dimension of "
+                             f"{limit}.")
+        kind = delta_kind(config.delta_kind)
+        has_bias = axis == "out" and self.get_base_layer().bias is not None
+        shapes = kind.shapes(len(channels), axis, self.out_features, self.in_features, has_bias)
+        for tensor, value in kind.init(shapes, config.init_weights).items():
+            attr = TENSOR_PREFIX + tensor
+            if attr not in self.adapter_layer_names:
+                setattr(self, attr, nn.ParameterDict({}))
+                self.adapter_layer_names = self.adapter_layer_names + (attr,)
+            getattr(self, attr)[adapter_name] = nn.Parameter(value)
+        self.headmask_index[adapter_name] = torch.tensor(channels, dtype=torch.long)
+        self.headmask_axis[adapter_name] = axis
+        self.headmask_kind[adapter_name] = kind.name
+        self.headmask_strategy[adapter_name] = config.forward_strategy
+        self.headmask_grad_mask_ratio[adapter_name] = config.grad_mask_ratio
+        if config.grad_mask_ratio > 0:
+            gmt.track(self)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    # ----- the seam: an adapter's tensors -> its slice update -----
+    def adapter_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """``{tensor name: parameter}`` of ``adapter_name``'s delta kind in this layer."""
+        kind = delta_kind(self.headmask_kind[adapter_name])
+        return {t: getattr(self, TENSOR_PREFIX + t)[adapter_name] for t in kind.tensors
+                if adapter_name in getattr(self, TENSOR_PREFIX + t, {})}
+
+    def slice_update(self, adapter_name: str):
+        """``(D, bias update or None)`` of ``adapter_name`` (differentiable; see :mod:`peft_alps.heads.delta`)."""
+        kind = delta_kind(self.headmask_kind[adapter_name])
+        return kind.update(self.adapter_tensors(adapter_name), self.headmask_axis[adapter_name])
+
+    def _slices(self, adapter_names, detach: bool = False):
+        """``(slices, updates)`` for :func:`apply_slices`, of the adapters this layer holds."""
+        slices, updates = [], []
+        for name in adapter_names:
+            if name not in self.headmask_kind:
+                continue
+            delta, bias_delta = self.slice_update(name)
+            if detach:
+                delta, bias_delta = delta.detach(), None if bias_delta is None else bias_delta.detach()
+            slices.append((self.headmask_axis[name], self.headmask_index[name]))
+            updates += [delta, bias_delta]
+        return tuple(slices), tuple(updates)
+
+    def linear_weight(self) -> torch.Tensor:
+        """Base weight in the nn.Linear frame ``[out, in]`` (a view for Conv1D)."""
+        return linear_frame(self.get_base_layer().weight, self.is_conv1d)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense ``[out, in]`` update (nn.Linear frame) that merging ``adapter_name`` adds to the weight."""
+        slices, updates = self._slices([adapter_name], detach=True)
+        w = self.linear_weight().detach()
+        return apply_slices(w, None, slices, (updates[0], None))[0] - w
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's ``convert_to_lora`` reads :meth:`get_delta_weight` in the stored frame: true for ``nn.Linear``
+        (our frame); a Conv1D's delta is transposed. ``peft_alps.export_lora`` converts both, exactly."""
+        return not self.is_conv1d
+
+    # ----- merge -----
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write the adapters' slices into the base weight; the original slices are kept for unmerge."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.headmask_kind:
+                continue
+            ((axis, idx),), (delta, bias_delta) = self._slices([name], detach=True)
+            d = linear_dim(axis)
+            weight = self.linear_weight().data
+            orig_w = weight.index_select(d, idx)
+            new_w = merged_slice(orig_w, delta)
+            orig_b = new_b = None
+            if bias_delta is not None:
+                orig_b = base.bias.data.index_select(0, idx)
+                new_b = merged_slice(orig_b, bias_delta)
+            if safe_merge and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
+                raise ValueError(f"NaN or inf in the merged weights of adapter {name!r}; nothing was merged.")
+            self._merge_backup.append((axis, idx, orig_w, orig_b))
+            weight.index_copy_(d, idx, new_w)
+            if new_b is not None:
+                base.bias.data.index_copy_(0, idx, new_b)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Restore the original slices, last merged first: the base weights come back bit for bit."""
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            self.merged_adapters.pop()
+            axis, idx, orig_w, orig_b = self._merge_backup.pop()
+            self.linear_weight().data.index_copy_(linear_dim(axis), idx, orig_w)
+            if orig_b is not None:
+                base.bias.data.index_copy_(0, idx, orig_b)
+
+
+class Linear(nn.Module, HeadMaskLayer):
+    """Head-mask wrapper around an ``nn.Linear`` or GPT-2 ``Conv1D`` projection."""
+
+    def __init__(self, base_layer, adapter_name, channels, axis, config, inference_mode=False, **kwargs) -> None:
+        super().__init__()
+        HeadMaskLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, channels, axis, config, inference_mode)
+
+    def __setstate__(self, state) -> None:
+        """Deep copies and unpickled layers are tracked for GMT like the original."""
+        super().__setstate__(state)
+        if any(r > 0 for r in getattr(self, "headmask_grad_mask_ratio", {}).values()):
+            gmt.track(self)
+
+    def forward(self, x: torch.Tensor, *args, adapter_names=None, **kwargs) -> torch.Tensor:
+        if adapter_names is not None:
+            check_layer_call(self, x, adapter_names)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        active = [a for a in self.active_adapters if a in self.headmask_kind]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        return head_slice_forward(self, x, active)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **kwargs) -> torch.Tensor:
+        """PEFT mixed batch: the base output once, then each adapter's slices added to its own samples only
+        (``adapter_names[i]`` names sample ``i``'s adapter; see :mod:`peft_alps.mixed_batch`)."""
+        y = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):
+            if name == BASE or name not in self.headmask_kind:  # no adapter, or one without heads in this layer
+                continue
+            ((axis, idx),), (delta, bias_delta) = self._slices([name])
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=y.device)
+            y[rows] = add_slice_output(y[rows], x[rows], axis, idx, delta, bias_delta)
+        return y
+
+    def __repr__(self) -> str:
+        return "headmask." + super().__repr__()
+
+
+def head_slice_forward(layer: HeadMaskLayer, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+    """Output of ``layer``'s projection with the adapters' slices applied.
+
+    The one place where the forward strategy is chosen: ``"merged"`` (custom
+    autograd over a temporary merged weight) when every adapter asks for it,
+    otherwise ``"output_add"`` (base output + ``x @ D^T`` into the channels).
+    """
+    slices, updates = layer._slices(adapter_names)
+    base = layer.get_base_layer()
+    if all(layer.headmask_strategy[a] == "merged" for a in adapter_names):
+        return _MergedSliceLinear.apply(x, layer.linear_weight(), base.bias, slices, *updates)
+    y = base(x)
+    for (axis, idx), delta, bias_delta in zip(slices, updates[0::2], updates[1::2]):
+        y = add_slice_output(y, x, axis, idx, delta, bias_delta)
+    return y
+
+
+def add_slice_output(y, x, axis, idx, delta, bias_delta) -> torch.Tensor:
+    """``y`` (the base output for ``x``) plus one adapter's slice contribution: the ``"output_add"`` formula.
+
+    Rows (``axis="out"``): ``x @ D^T (+ bias update)`` added into output channels ``idx``;
+    columns (``"in"``): input channels ``x[..., idx] @ D^T`` added to every output channel.
+    """
+    if axis == "out":
+        return y.index_add(-1, idx, F.linear(x.to(delta.dtype), delta, bias_delta).to(y.dtype))
+    return y + F.linear(x.index_select(-1, idx).to(delta.dtype), delta).to(y.dtype)
