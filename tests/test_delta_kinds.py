@@ -1,0 +1,136 @@
+"""The tuner contract, run for every registered delta kind (peft_alps.heads.delta).
+
+A kind only says how its tensors make the slice update ``D`` (and the bias update). Everything else must follow
+from that, for every kind alike: gradients, merge == forward, bit-exact unmerge, save/load, the streamed file
+merge, the LoRA export and GMT. The built-in ``dense`` kind and the test-only ``scaled_test`` kind
+(tests/scaled_delta.py: its own module plus one register call) run the same tests.
+"""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import ARCHS, make_inputs, make_model, output_of
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+import scaled_delta  # noqa: F401  (registers the test-only kind)
+from peft_alps import HeadMaskConfig, HeadMaskLayer, export_lora, merge_checkpoint
+from peft_alps.heads.delta import DELTA_KINDS, delta_kind
+from peft_alps.heads.layout import linear_dim, linear_frame
+
+KINDS = sorted(DELTA_KINDS)
+ARCH_SUBSET = ["llama", "qwen2", "gpt2", "gpt_neox"]  # GQA; biased q/k/v; Conv1D fused blocks; interleaved
+HEADS = {0: [1], 2: [0, 3]}
+PARTS = ["q", "k", "v", "o"]
+
+
+def adapter_model(arch, kind, dtype=torch.float32, **config):
+    base = make_model(arch, dtype=dtype)
+    pm = get_peft_model(copy.deepcopy(base), HeadMaskConfig(heads=HEADS, parts=PARTS, delta_kind=kind,
+                                                            init_weights=False, **config))
+    return base, pm
+
+
+def layers(pm):
+    return {n: m for n, m in pm.base_model.model.named_modules() if isinstance(m, HeadMaskLayer)}
+
+
+def test_the_test_kind_is_registered():
+    assert {"dense", "scaled_test"} <= set(KINDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", ARCH_SUBSET)
+@pytest.mark.parametrize("strategy", ["merged", "output_add"])
+def test_gradients_follow_the_full_weight_gradient(kind, arch, strategy):
+    """Each tensor's gradient is the chain rule through the kind's update of the slice of the full weight
+    gradient of the merged model (an independent computation: plain nn.Linear / Conv1D, no adapter)."""
+    _, pm = adapter_model(arch, kind, torch.float64, forward_strategy=strategy)
+    ref = copy.deepcopy(pm).merge_and_unload()
+    ref.requires_grad_(True)
+    inputs = make_inputs()
+    probe = torch.randn_like(output_of(ref, inputs))
+    (output_of(pm, inputs) * probe).sum().backward()
+    (output_of(ref, inputs) * probe).sum().backward()
+    ref_modules = dict(ref.named_modules())
+    for name, layer in layers(pm).items():
+        axis, idx = layer.headmask_axis["default"], layer.headmask_index["default"]
+        ref_mod = ref_modules[name]
+        full = linear_frame(ref_mod.weight.grad, layer.is_conv1d)
+        tensors = {t: p.detach().clone().requires_grad_(True) for t, p in layer.adapter_tensors("default").items()}
+        delta, bias = delta_kind(kind).update(tensors, axis)
+        objective = (delta * full.index_select(linear_dim(axis), idx)).sum()
+        if bias is not None:
+            objective = objective + (bias * ref_mod.bias.grad.index_select(0, idx)).sum()
+        want = dict(zip(tensors, torch.autograd.grad(objective, list(tensors.values()))))
+        for t, p in layer.adapter_tensors("default").items():
+            # float64 models, but eager attention takes its softmax in float32: rounding flips there reach ~1e-8
+            torch.testing.assert_close(p.grad, want[t], atol=1e-7, rtol=1e-5, msg=lambda m: f"{name}.{t}: {m}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", ARCH_SUBSET)
+def test_merge_equals_forward_and_unmerge_is_bit_exact(kind, arch):
+    base, pm = adapter_model(arch, kind)
+    inputs = make_inputs()
+    with torch.no_grad():
+        adapter_out = output_of(pm, inputs)
+        assert (adapter_out - output_of(base, inputs)).abs().max() > 1e-3  # the adapter does something
+        pm.merge_adapter()
+        torch.testing.assert_close(output_of(pm, inputs), adapter_out, atol=1e-5, rtol=1e-5)
+        pm.unmerge_adapter()
+    restored = {k.replace("base_layer.", ""): v for k, v in pm.base_model.model.state_dict().items()
+                if "headmask_" not in k}
+    for key, value in base.state_dict().items():
+        assert torch.equal(restored[key], value), key
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", ARCH_SUBSET)
+def test_save_load_streamed_merge_and_export(kind, arch, tmp_path):
+    base, pm = adapter_model(arch, kind)
+    inputs = make_inputs()
+    base.save_pretrained(tmp_path / "base")
+    pm.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    tensor_names = {k.rsplit(".headmask_", 1)[1] for k in saved}
+    assert tensor_names <= set(delta_kind(kind).tensors) and "delta" in tensor_names
+    with torch.no_grad():
+        want = output_of(pm, inputs)
+        # save / load
+        loaded = PeftModel.from_pretrained(make_model(arch), tmp_path / "adapter")
+        assert torch.equal(output_of(loaded, inputs), want)
+        # streamed merge == merge_and_unload, bit for bit
+        merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+        merged_file = {}
+        for f in (tmp_path / "merged").glob("*.safetensors"):
+            merged_file.update(load_file(f))
+        in_memory = copy.deepcopy(pm).merge_and_unload().state_dict()
+        targets = {f"{m}.weight" for m in pm.peft_config["default"].target_modules}
+        assert targets <= set(merged_file) & set(in_memory)
+        for key in set(merged_file) & set(in_memory):  # GPT-NeoX's tied embed_out is saved under one name only
+            assert torch.equal(merged_file[key], in_memory[key]), key
+        # export: a stock LoRA with the same outputs
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_lora(tmp_path / "adapter", tmp_path / "lora")
+            lora = PeftModel.from_pretrained(make_model(arch), tmp_path / "lora")
+        torch.testing.assert_close(output_of(lora, inputs), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gmt_masks_every_tensor_of_the_kind(kind):
+    _, pm = adapter_model("qwen2", kind, grad_mask_ratio=0.25)
+    params = [p for n, p in pm.named_parameters() if "headmask_" in n]
+    assert {n.rsplit("headmask_", 1)[1].split(".")[0] for n, _ in pm.named_parameters() if "headmask_" in n} \
+        == set(delta_kind(kind).tensors)
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    (output_of(pm, make_inputs()) ** 2).mean().backward()
+    nonzero_before = [int(p.grad.ne(0).sum()) for p in params]
+    optimizer.step()
+    for p, before in zip(params, nonzero_before):
+        assert int(p.grad.eq(0).sum()) >= math.floor(0.25 * p.numel())
+        assert int(p.grad.ne(0).sum()) >= before - math.floor(0.25 * p.numel())
