@@ -12,6 +12,7 @@ import sys
 import warnings
 
 import pytest
+import peft
 import torch
 import transformers as tf
 from conftest import ARCH_NAMES, make_inputs, make_model, output_of
@@ -434,3 +435,27 @@ def test_cli_export_lora_errors_write_nothing(tmp_path, capsys):
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
         assert err.startswith("peft-alps: error: ") and message in err
     assert not (tmp_path / "out").exists() and _no_leftovers(tmp_path)
+
+
+def test_peft_convert_to_lora_reproduces_the_adapter_where_it_can():
+    """PEFT's own SVD conversion (peft.convert_to_lora) works on head-mask layers it can represent (nn.Linear, no
+    bias update) and refuses the others instead of dropping their bias updates."""
+    convert_to_lora = getattr(peft, "convert_to_lora", None)
+    if convert_to_lora is None:
+        pytest.skip(f"peft {peft.__version__} has no convert_to_lora")
+    from peft import set_peft_model_state_dict
+
+    pm = get_peft_model(make_model("llama"), HeadMaskConfig(heads={0: [1], 2: [0, 3]}, parts=["q", "k", "v", "o"],
+                                                          init_weights=False))
+    rank = max(int(m.headmask_index["default"].numel()) for m in pm.modules() if hasattr(m, "headmask_index"))
+    lora_config, state = convert_to_lora(pm, rank)
+    assert isinstance(lora_config, LoraConfig)
+    lora = get_peft_model(make_model("llama"), lora_config)
+    set_peft_model_state_dict(lora, state)
+    inputs = make_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(lora, inputs), output_of(pm, inputs), atol=1e-5, rtol=1e-5)
+    for arch in ("qwen2", "gpt2"):  # bias updates; Conv1D
+        biased = get_peft_model(make_model(arch), HeadMaskConfig(heads={0: [1]}, init_weights=False))
+        with pytest.raises(TypeError, match="do not support LoRA conversion"):
+            convert_to_lora(biased, 8)

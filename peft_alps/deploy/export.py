@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 
 from ..heads.delta import delta_kind
-from ..io.adapter import (BIN_NAME, CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, check_weights, expected_tensors,
-                          head_tensor_key, read_config, read_heads, split_head_key)
+from ..io.adapter import (BIN_NAME, CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, check_headmask, check_weights,
+                          expected_tensors, head_tensor_key, read_config, read_heads, split_head_key)
 from ..io.files import staged_folder
 from ..io.integrity import IntegrityError, check_file
 from ..io.safetensors import SafetensorsError
@@ -97,7 +97,7 @@ def export_lora(adapter, out_dir, overwrite: bool = False, adapter_name: str = "
     ``lora_bias=True`` (only when some bias delta is non-zero). ``out_dir`` must be missing or empty unless
     ``overwrite`` (then ``adapter_config.json`` and the weights file are replaced, other files left alone).
     Everything is validated and written into a temporary folder first: on an error nothing is written. A folder
-    whose weights fail the checksum stamped at save time (:mod:`peft_alps.integrity`) is refused unless
+    whose weights fail the checksum stamped at save time (:mod:`peft_alps.io.integrity`) is refused unless
     ``force``.
     ``modules_to_save`` (e.g. a trained classification head) are copied. Stock PEFT cannot merge
     ``lora_bias`` into a module without a bias (Qwen2's ``o_proj``); a model export warns about it.
@@ -196,10 +196,7 @@ def _read_model(model, adapter_name: str) -> tuple[dict, list[_Slice], dict]:
         raise ExportError(f"The PeftModel has no adapter named {adapter_name!r} (it has {sorted(peft_configs)}); "
                           f"pass adapter_name=...")
     config = peft_configs[adapter_name].to_dict()
-    peft_type = str(config.get("peft_type", "")).split(".")[-1]
-    if peft_type != "HEADMASK":
-        raise ExportError(f"Adapter {adapter_name!r} is a {peft_type} adapter, not a peft-alps "
-                          f"head-mask (HEADMASK) adapter; only HEADMASK adapters can be exported to LoRA.")
+    check_headmask(config, f"Adapter {adapter_name!r}", ExportError)
     base_model = model.base_model.model
     # as PeftModel.save_pretrained fills them, so a folder and a model export write the same config
     if config.get("base_model_name_or_path") is None:

@@ -100,7 +100,7 @@ def _read_header(path: Path) -> Header:
         raise MergeError(str(e)) from None
 
 
-# ----- the plan: which adapter tensors change which base tensor -----
+# ----- the job: which adapter tensors change which base tensor -----
 @dataclass
 class _Edit:
     """One base tensor's change: a projection's weight or bias slices (or a whole ``modules_to_save`` tensor)."""
@@ -116,7 +116,7 @@ class _Edit:
 
 
 @dataclass
-class _Plan:
+class _MergeJob:
     base: Path
     adapter: Path
     index: Optional[dict]  # the base's index json, or None for a single file
@@ -204,7 +204,7 @@ def _read_base(base: Path):
                      + ".")
 
 
-def _plan(base_dir, adapter_dir, dtype, force: bool = False) -> _Plan:
+def _prepare(base_dir, adapter_dir, dtype, force: bool = False) -> _MergeJob:
     """Read and validate every input; raise MergeError before anything is written."""
     out_code = _dtype_code(dtype)
     base, adapter = Path(base_dir), Path(adapter_dir)
@@ -266,7 +266,7 @@ def _plan(base_dir, adapter_dir, dtype, force: bool = False) -> _Plan:
     for target in edits:
         if base_entry(target).dtype not in FLOAT_CODES:
             raise MergeError(f"base tensor {target} has dtype {base_entry(target).dtype}; cannot merge into it.")
-    return _Plan(base, adapter, index, shards, edits, adapter_file, adapter_shard, out_code, base_config,
+    return _MergeJob(base, adapter, index, shards, edits, adapter_file, adapter_shard, out_code, base_config,
                  cfg.get("base_fingerprint"))
 
 
@@ -306,9 +306,9 @@ def _apply(t: torch.Tensor, edit: _Edit, adapter, adapter_shard: Header, sketche
     return t.index_copy_(edit.stored_dim, idx, merged_slice(base_slice, update))
 
 
-def _write_shard(shard: Header, out_path: Path, plan: _Plan, adapter, counts: dict) -> int:
+def _write_shard(shard: Header, out_path: Path, job: _MergeJob, adapter, counts: dict) -> int:
     """Write one output shard (streamed); return its size in bytes."""
-    header, rows = _out_entries(shard, plan.out_code)
+    header, rows = _out_entries(shard, job.out_code)
     pending = None  # (source offset, length) of untouched bytes still to copy
     with open(shard.path, "rb", buffering=0) as src, open(out_path, "wb", buffering=0) as dst:
         write_all(dst, header)
@@ -321,10 +321,10 @@ def _write_shard(shard: Header, out_path: Path, plan: _Plan, adapter, counts: di
 
         for entry, code, _ in rows:
             out_dtype = DTYPES[code][0] if code != entry.dtype else None
-            if entry.name in plan.edits:
+            if entry.name in job.edits:
                 flush()
-                t = _apply(_read_tensor(src, shard, entry), plan.edits[entry.name], adapter, plan.adapter_shard,
-                           plan.sketches)
+                t = _apply(_read_tensor(src, shard, entry), job.edits[entry.name], adapter, job.adapter_shard,
+                           job.sketches)
                 write_all(dst, tensor_bytes(t if out_dtype is None else t.to(out_dtype)))
                 counts["changed"] += 1
             elif out_dtype is not None:
@@ -341,19 +341,19 @@ def _write_shard(shard: Header, out_path: Path, plan: _Plan, adapter, counts: di
                 counts["copied"] += 1
         flush()
         size = dst.seek(0, os.SEEK_END)
-    expected = sum(_out_sizes(shard, plan.out_code))
+    expected = sum(_out_sizes(shard, job.out_code))
     if size != expected:
         raise MergeError(f"wrote {size} bytes to {out_path.name}, expected {expected}.")
     return size
 
 
-def _check_out(out: Path, plan: _Plan, overwrite: bool) -> None:
+def _check_out(out: Path, job: _MergeJob, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise MergeError(f"out exists and is not a folder: {out}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise MergeError(f"out folder is not empty: {out} (pass overwrite=True / --overwrite to replace it)")
     real = out.resolve()
-    for what, path in (("base", plan.base), ("adapter", plan.adapter)):
+    for what, path in (("base", job.base), ("adapter", job.adapter)):
         p = path.resolve()
         if real == p or real in p.parents:
             raise MergeError(f"out {out} is (or contains) the {what} folder {path}: choose another folder.")
@@ -369,12 +369,12 @@ def merge_checkpoint_report(base_dir, adapter_dir, out_dir, dtype=None, overwrit
                             force: bool = False) -> MergeReport:
     """:func:`merge_checkpoint`, returning a :class:`MergeReport` of what was written."""
     t0 = time.perf_counter()
-    plan = _plan(base_dir, adapter_dir, dtype, force)
+    job = _prepare(base_dir, adapter_dir, dtype, force)
     out = Path(out_dir)
-    _check_out(out, plan, overwrite)
+    _check_out(out, job, overwrite)
     parent = out.absolute().parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())
-    need = sum(sum(_out_sizes(s, plan.out_code)) for s in plan.shards.values())
+    need = sum(sum(_out_sizes(s, job.out_code)) for s in job.shards.values())
     free = shutil.disk_usage(existing).free
     if need > free:
         raise MergeError(f"the merged weights need {need / 2**20:.0f} MB but {existing} has {free / 2**20:.0f} MB "
@@ -384,50 +384,50 @@ def merge_checkpoint_report(base_dir, adapter_dir, out_dir, dtype=None, overwrit
     files, skipped, weight_bytes = [], [], 0
     with staged_folder(out, whole=True) as stage:
         try:
-            with open(plan.adapter_file, "rb", buffering=0) as adapter, _one_thread():
-                for name, shard in plan.shards.items():
-                    weight_bytes += _write_shard(shard, stage / name, plan, adapter, counts)
+            with open(job.adapter_file, "rb", buffering=0) as adapter, _one_thread():
+                for name, shard in job.shards.items():
+                    weight_bytes += _write_shard(shard, stage / name, job, adapter, counts)
         except SafetensorsError as e:  # a file changed while merging
             raise MergeError(str(e)) from None
         try:  # the base slices were read while merging; nothing is in place yet
-            check_fingerprint(plan.fingerprint, fingerprint(plan.sketches, _merge_dtype(plan)),
-                              f"Merging {plan.adapter} into {plan.base}", force=force)
+            check_fingerprint(job.fingerprint, fingerprint(job.sketches, _merge_dtype(job)),
+                              f"Merging {job.adapter} into {job.base}", force=force)
         except IntegrityError as e:
             raise MergeError(str(e)) from None
-        weights = set(plan.shards) | {INDEX_NAME}
-        if plan.index is not None:
-            if plan.out_code is None:
-                shutil.copyfile(plan.base / INDEX_NAME, stage / INDEX_NAME)
+        weights = set(job.shards) | {INDEX_NAME}
+        if job.index is not None:
+            if job.out_code is None:
+                shutil.copyfile(job.base / INDEX_NAME, stage / INDEX_NAME)
             else:
-                index = dict(plan.index)
-                total = sum(_out_sizes(s, plan.out_code)[1] for s in plan.shards.values())
+                index = dict(job.index)
+                total = sum(_out_sizes(s, job.out_code)[1] for s in job.shards.values())
                 index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
                 (stage / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        for entry in sorted(plan.base.iterdir()):
+        for entry in sorted(job.base.iterdir()):
             if entry.name in weights:
                 continue
             if entry.name.startswith(".") or entry.is_dir() or entry.suffix in _WEIGHT_SUFFIXES \
                     or entry.name.endswith(".index.json") or entry.name in _NOT_COPIED:
                 skipped.append(entry.name)
                 continue
-            if entry.name == "config.json" and plan.out_code is not None:
-                config = dict(plan.base_config)
+            if entry.name == "config.json" and job.out_code is not None:
+                config = dict(job.base_config)
                 for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
-                    config[key] = _CODE_NAMES[plan.out_code]
+                    config[key] = _CODE_NAMES[job.out_code]
                 (stage / entry.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             else:
                 shutil.copyfile(entry, stage / entry.name)
             files.append(entry.name)
-    return MergeReport(out=out, shards=list(plan.shards), tensors_changed=counts["changed"],
-                       tensors_copied=counts["copied"], tensors_cast=counts["cast"], deltas=len(plan.adapter_shard.entries),
+    return MergeReport(out=out, shards=list(job.shards), tensors_changed=counts["changed"],
+                       tensors_copied=counts["copied"], tensors_cast=counts["cast"], deltas=len(job.adapter_shard.entries),
                        weight_bytes=weight_bytes, files_copied=files, skipped=skipped,
                        seconds=time.perf_counter() - t0)
 
 
-def _merge_dtype(plan: _Plan) -> torch.dtype:
+def _merge_dtype(job: _MergeJob) -> torch.dtype:
     """The dtype of the base tensors the adapter changes (the first one's)."""
-    name = next(iter(plan.edits), None)
-    shard = next((s for s in plan.shards.values() if name in s.entries), None)
+    name = next(iter(job.edits), None)
+    shard = next((s for s in job.shards.values() if name in s.entries), None)
     return DTYPES[shard.entries[name].dtype][0] if shard is not None else torch.float32
 
 
@@ -457,7 +457,7 @@ def merge_checkpoint(base_dir: Union[str, os.PathLike], adapter_dir: Union[str, 
     on output (merged in the base dtype first; config.json's dtype is updated), None to keep them.
     ``overwrite``: replace a non-empty ``out_dir`` (it is swapped out only when the new one is complete).
     ``force``: merge even if the adapter file fails its checksum or the base's slices differ from the base
-    fingerprint recorded with the adapter (:mod:`peft_alps.integrity`); without it either is a MergeError and
+    fingerprint recorded with the adapter (:mod:`peft_alps.io.integrity`); without it either is a MergeError and
     nothing is written.
 
     Everything is validated first (HEADMASK adapter, layout matching the base config, every delta mapping to

@@ -22,7 +22,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"  # a pickle: never loaded by peft-alps
 PREFIX = "base_model.model."  # PEFT's prefix of saved tensor names
-_HEAD_KEY = re.compile(rf"^(?:{re.escape(PREFIX)})?(.+)\.{TENSOR_PREFIX}([A-Za-z0-9_]+)$")
+HEAD_TENSOR = rf"\.{TENSOR_PREFIX}([A-Za-z0-9_]+)"  # ".headmask_<tensor>" in a saved or a loaded name
+_HEAD_KEY = re.compile(rf"^(?:{re.escape(PREFIX)})?(.+){HEAD_TENSOR}$")
 
 
 class AdapterError(ValueError):
@@ -54,6 +55,13 @@ def read_json(path, what: str, error=AdapterError) -> dict:
     return data
 
 
+def check_headmask(config: dict, where: str, error=AdapterError) -> None:
+    """``error`` unless ``config`` (an adapter config as a dict) is a HEADMASK one."""
+    peft_type = str(config.get("peft_type") or "").split(".")[-1]  # "PeftType.LORA" from an in-memory config
+    if peft_type != "HEADMASK":
+        raise error(f"{where} is a {peft_type or 'untyped'} adapter, not a peft-alps head-mask (HEADMASK) adapter.")
+
+
 def read_config(folder, error=AdapterError) -> dict:
     """The ``adapter_config.json`` of the head-mask adapter in ``folder``, checked to be one: a HEADMASK adapter
     with ``heads``, ``parts`` and ``layout`` (``error`` naming the folder and the fix otherwise)."""
@@ -63,10 +71,7 @@ def read_config(folder, error=AdapterError) -> dict:
     if not (folder / CONFIG_NAME).is_file():
         raise error(f"{folder} has no {CONFIG_NAME}: it is not a saved PEFT adapter folder.")
     config = read_json(folder / CONFIG_NAME, "adapter config", error)
-    peft_type = str(config.get("peft_type") or "").split(".")[-1]
-    if peft_type != "HEADMASK":
-        raise error(f"{folder} is a {peft_type or 'untyped'} adapter, not a peft-alps head-mask (HEADMASK) "
-                    f"adapter.")
+    check_headmask(config, str(folder), error)
     missing = [key for key in ("heads", "parts", "layout") if not config.get(key)]
     if missing:
         raise error(f"{folder / CONFIG_NAME} has no {missing}: save the adapter with peft_alps (model."

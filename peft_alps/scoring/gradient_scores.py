@@ -6,7 +6,7 @@ over batches of a reduction of the gradient over the head's weight entries. Conv
 
 * Gradients and weights are read in the ``nn.Linear`` frame ``[out, in]`` (GPT-2 ``Conv1D`` is
   transposed); which entries belong to a head comes only from
-  :meth:`~peft_alps.layout.HeadLayout.part_channels`. Weights only, no biases.
+  :meth:`~peft_alps.heads.layout.HeadLayout.part_channels`. Weights only, no biases.
 * A head's entries: its ``q`` rows, the ``k`` and ``v`` rows of its key/value group and, if ``"o"`` is in
   ``parts``, its input columns of ``o``. Under GQA the group's k/v rows are shared, so every query head of
   the group gets the group's full k/v amount (as ``score_heads`` attributes k/v to each query head).
@@ -99,16 +99,16 @@ def gradient_head_scores(model, batches, kind: str = "grad", parts=("q", "k", "v
                          progress: bool = False, layout=None) -> HeadScores:
     """Score each query head by the gradient of a loss on ``batches`` w.r.t. its attention weights.
 
-    ``model``: a transformers model (``.config`` of an architecture :class:`~peft_alps.layout.HeadLayout`
+    ``model``: a transformers model (``.config`` of an architecture :class:`~peft_alps.heads.layout.HeadLayout`
     knows) or a PeftModel (the base layers' weights are scored; a PEFT layer whose forward bypasses the base
     weight's gradient raises). ``batches``: non-empty iterable of batches, each a dict for ``model(**batch)``
     (see :func:`peft_alps.data.text_batches`); ``loss_fn(model, batch) -> scalar`` replaces
     ``model(**batch).loss``. ``kind``: one of :data:`KINDS` (module docstring). ``parts``: non-empty subset of
     ``("q", "k", "v", "o")``. ``layout``: ``None`` derives it from the model's config (LayoutError for an
-    architecture without a built-in layout); else a :class:`~peft_alps.layout.HeadLayout` or its dict form,
+    architecture without a built-in layout); else a :class:`~peft_alps.heads.layout.HeadLayout` or its dict form,
     which must agree with the config's layout on ``shape_key()`` if there is one, and is checked against the
     q/k/v/o weight shapes before anything runs (LayoutError naming the module and the field), as in
-    :func:`~peft_alps.localize.score_heads`. Returns :class:`~peft_alps.localize.HeadScores` with
+    :func:`~peft_alps.scoring.weight_scores.score_heads`. Returns :class:`~peft_alps.scoring.scores.HeadScores` with
     ``representation="gradient"``, ``metric=kind``, ``tau=None`` and the layout used, ready for
     :func:`peft_alps.select_heads`.
     """

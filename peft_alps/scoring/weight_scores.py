@@ -4,7 +4,7 @@ See ``/work/shared/docs/METHOD.md`` section 1. Conventions:
 
 * Weights are read in the ``nn.Linear`` frame ``[out, in]`` (GPT-2 ``Conv1D``
   weights, stored ``[in, out]``, are transposed on read). Which rows belong to a
-  head comes only from :class:`~peft_alps.layout.HeadLayout.part_channels`.
+  head comes only from :class:`~peft_alps.heads.layout.HeadLayout.part_channels`.
 * The paper's head matrices use the ``x @ W`` convention: ``W_q^h`` is
   ``[d_model, d_head]``, the transpose of the head's ``d_head`` rows of the
   ``nn.Linear`` weight. Query head ``h`` reads key/value group ``g(h)`` (GQA).
@@ -21,7 +21,7 @@ See ``/work/shared/docs/METHOD.md`` section 1. Conventions:
   and never give NaN; ``KL(P_B || P_T) = +inf`` where some ``P_T`` entry is 0 and the
   ``P_B`` entry is not (the exact value, not an epsilon-smoothed one). Infinite scores
   rank first in :meth:`HeadScores.top` (ties by layer, then head), NaN is refused.
-* Which modules and rows hold a head comes from a :class:`~peft_alps.layout.HeadLayout`:
+* Which modules and rows hold a head comes from a :class:`~peft_alps.heads.layout.HeadLayout`:
   derived from the model config, or passed as ``layout=`` (any architecture).
 
 Both models can be ``nn.Module`` objects or local safetensors checkpoints; from
@@ -135,13 +135,13 @@ def score_heads(base, task, metric: str = "pad", representation: str = "product"
     """Score each query head by the distance between its weight distributions in ``base`` and ``task``.
 
     ``base``/``task``: ``nn.Module`` (transformers model or PeftModel), path to a local safetensors
-    checkpoint folder, or :class:`~peft_alps.probe.ProbeWeights` (a probe fine-tune, as ``task``).
+    checkpoint folder, or :class:`~peft_alps.scoring.sources.ProbeWeights` (a probe fine-tune, as ``task``).
     ``metric``: one of :data:`METRICS` (see :func:`distance`; ``"kl"`` gives ``+inf`` for a head whose task
     distribution has an exact 0 where the base's has not, which happens at small ``tau``).
 
     ``layout``: ``None`` derives the attention layout from the models' configs (the architectures in
-    :data:`peft_alps.layout.ARCHITECTURES`; LayoutError for any other). For another architecture pass a
-    :class:`~peft_alps.layout.HeadLayout` or its dict form (``HeadLayout.to_dict()`` keys); it is used for
+    :data:`peft_alps.heads.layout.ARCHITECTURES`; LayoutError for any other). For another architecture pass a
+    :class:`~peft_alps.heads.layout.HeadLayout` or its dict form (``HeadLayout.to_dict()`` keys); it is used for
     both models. If a model's config has a built-in layout too, the two must agree on ``shape_key()``. A
     given layout is checked against both models' q/k/v/o weight shapes before scoring (LayoutError naming
     the module and the field); shapes cannot tell a layout from another one with the same module sizes

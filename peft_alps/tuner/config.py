@@ -57,9 +57,10 @@ class HeadMaskConfig(PeftConfig):
     forward_strategy: str = field(
         default="merged",
         metadata={
-            "help": "'merged': one matmul with the head slices added into a temporary weight (custom autograd, "
-            "fastest on CPU in benchmarks/forward_strategy.py); 'output_add': base output plus x @ delta^T added "
-            "into the selected channels (no weight copy)."
+            "help": "'merged' (default): one matmul with the head slices merged into a temporary weight (custom "
+            "autograd): in bf16/fp16 the training forward equals the merged model bit for bit. 'output_add': base "
+            "output plus x @ D^T added into the selected channels (no weight copy). Within noise of each other in "
+            "speed on CPU (benchmarks/README.md); mixed-adapter batches always add per sample."
         },
     )
     delta_kind: str = field(

@@ -140,6 +140,14 @@ class HeadMaskLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        """PEFT's move of the adapter to the base layer's device and dtype, with the index only moved: PEFT < 0.21
+        casts every BufferDict entry to the base's float dtype, which would round the channel indices (bf16)."""
+        index = self.headmask_index.pop(adapter_name) if adapter_name in self.headmask_index else None
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        if index is not None:
+            self.headmask_index[adapter_name] = index.to(device or self.get_base_layer().weight.device)
+
     # ----- the seam: an adapter's tensors -> its slice update -----
     def adapter_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """``{tensor name: parameter}`` of ``adapter_name``'s delta kind in this layer."""
@@ -176,9 +184,10 @@ class HeadMaskLayer(BaseTunerLayer):
         return apply_slices(w, None, slices, (updates[0], None))[0] - w
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        """PEFT's ``convert_to_lora`` reads :meth:`get_delta_weight` in the stored frame: true for ``nn.Linear``
-        (our frame); a Conv1D's delta is transposed. ``peft_alps.export_lora`` converts both, exactly."""
-        return not self.is_conv1d
+        """Whether PEFT's ``convert_to_lora`` (an SVD of :meth:`get_delta_weight`) can convert this layer: for an
+        ``nn.Linear`` without a bias update. PEFT reads a Conv1D's delta in the stored frame (ours is the
+        ``nn.Linear`` frame) and drops bias updates; ``peft_alps.export_lora`` converts both, exactly."""
+        return not self.is_conv1d and self.slice_update(adapter_name)[1] is None
 
     # ----- merge -----
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -249,7 +258,7 @@ class Linear(nn.Module, HeadMaskLayer):
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names, **kwargs) -> torch.Tensor:
         """PEFT mixed batch: the base output once, then each adapter's slices added to its own samples only
-        (``adapter_names[i]`` names sample ``i``'s adapter; see :mod:`peft_alps.mixed_batch`)."""
+        (``adapter_names[i]`` names sample ``i``'s adapter; see :mod:`peft_alps.tuner.mixed_batch`)."""
         y = self.base_layer(x, *args, **kwargs)
         for name in dict.fromkeys(adapter_names):
             if name == BASE or name not in self.headmask_kind:  # no adapter, or one without heads in this layer

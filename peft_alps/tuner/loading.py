@@ -16,10 +16,10 @@ import re
 
 from torch import nn
 
-from ..heads.delta import TENSOR_PREFIX
+from ..io.adapter import HEAD_TENSOR
 
-_ADAPTER_KEY = re.compile(rf"\.{TENSOR_PREFIX}[A-Za-z0-9_]+\.([^.]+)$")  # as loaded: with the adapter name
-_HEAD_TENSOR = re.compile(rf"\.{TENSOR_PREFIX}[A-Za-z0-9_]+(?:\.[^.]+)?$")  # PEFT leaves it out for unwrapped modules
+_ADAPTER_KEY = re.compile(rf"{HEAD_TENSOR}\.([^.]+)$")  # as loaded: with the adapter name (the last group)
+_HEAD_TENSOR = re.compile(rf"{HEAD_TENSOR}(?:\.[^.]+)?$")  # PEFT leaves the adapter name out for unwrapped modules
 
 
 class AdapterLoadError(ValueError):
@@ -37,7 +37,7 @@ def expect_complete_loads(model: nn.Module) -> None:
 
 
 def _note_loaded_adapters(module, state_dict, prefix, *args) -> None:
-    module._headmask_loading = {m.group(1) for k in state_dict if k.startswith(prefix)
+    module._headmask_loading = {m.group(2) for k in state_dict if k.startswith(prefix)
                                 for m in [_ADAPTER_KEY.search(k)] if m}
 
 
@@ -50,7 +50,7 @@ def _check_complete(module, incompatible) -> None:
                                f", which no module of the model takes: the adapter config (heads, parts, layout) "
                                f"does not select it. The weights and adapter_config.json do not belong together "
                                f"(edited, or from another adapter).")
-    missing = [k for k in incompatible.missing_keys if (m := _ADAPTER_KEY.search(k)) and m.group(1) in loading]
+    missing = [k for k in incompatible.missing_keys if (m := _ADAPTER_KEY.search(k)) and m.group(2) in loading]
     if missing:
         raise AdapterLoadError(f"The adapter weights have no tensor for {missing[0]}"
                                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, which the adapter "

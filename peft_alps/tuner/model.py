@@ -41,7 +41,7 @@ def projection_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def plan_targets(config: HeadMaskConfig, layout: HeadLayout, names: dict) -> dict[str, tuple[list[int], str]]:
+def module_targets(config: HeadMaskConfig, layout: HeadLayout, names: dict) -> dict[str, tuple[list[int], str]]:
     """Full module name -> ``(channels, axis)`` for every projection the adapter touches.
 
     ``names``: :meth:`HeadLayout.check_model`'s ``{(layer, module path): full name}``. Validates heads against
@@ -71,10 +71,10 @@ def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
 
 
-def head_tensors(config: HeadMaskConfig, plan: dict, modules: dict) -> dict[str, tuple[int, ...]]:
-    """Saved name -> shape of every head tensor an adapter with ``config`` and ``plan`` holds on this model."""
+def head_tensors(config: HeadMaskConfig, targets: dict, modules: dict) -> dict[str, tuple[int, ...]]:
+    """Saved name -> shape of every head tensor an adapter with ``config`` and ``targets`` holds on this model."""
     projections = {}
-    for name, (channels, axis) in plan.items():
+    for name, (channels, axis) in targets.items():
         base = _base(modules[name])
         in_features, out_features = _get_in_out_features(base)
         projections[name] = (len(channels), axis, out_features, in_features, axis == "out" and base.bias is not None)
@@ -91,11 +91,11 @@ def check_weights_file(path, expected: dict) -> None:
     check_file(path, warn=True)
 
 
-def base_fingerprint(plan: dict, modules: dict) -> dict | None:
-    """:func:`peft_alps.io.integrity.fingerprint` of the base slices ``plan`` selects, keyed ``<module>.weight`` /
+def base_fingerprint(targets: dict, modules: dict) -> dict | None:
+    """:func:`peft_alps.io.integrity.fingerprint` of the base slices ``targets`` selects, keyed ``<module>.weight`` /
     ``<module>.bias``; None if a weight is not a real floating-point tensor (meta device, quantized)."""
     sketches, dtype = {}, None
-    for name, (channels, axis) in plan.items():
+    for name, (channels, axis) in targets.items():
         base = _base(modules[name])
         weight = base.weight
         if not weight.is_floating_point() or weight.device.type == "meta":
@@ -142,28 +142,28 @@ class HeadMaskModel(BaseTuner):
         against the real modules, the adapter weights file (when loading one) against the config, and the base
         against the fingerprint recorded with the adapter (a warning)."""
         layout, names = model_layout(peft_config, model)
-        plan = plan_targets(peft_config, layout, names)
+        targets = module_targets(peft_config, layout, names)
         modules = dict(model.named_modules())
         weights_file = getattr(peft_config, "_weights_file", None)
         if weights_file is not None:
-            check_weights_file(weights_file, head_tensors(peft_config, plan, modules))
-        current = base_fingerprint(plan, modules)
+            check_weights_file(weights_file, head_tensors(peft_config, targets, modules))
+        current = base_fingerprint(targets, modules)
         if current is not None:
             if peft_config.base_fingerprint is None:
                 peft_config.base_fingerprint = current
             else:
                 check_fingerprint(peft_config.base_fingerprint, current, "Loading the head-mask adapter", warn=True)
         peft_config.layout = layout.to_dict()
-        peft_config.target_modules = sorted(plan)
-        self._headmask_plan = plan
+        peft_config.target_modules = sorted(targets)
+        self._headmask_targets = targets
 
     def _check_target_module_exists(self, peft_config, key):
-        return key in getattr(self, "_headmask_plan", {}) or key in set(peft_config.target_modules or ())
+        return key in getattr(self, "_headmask_targets", {}) or key in set(peft_config.target_modules or ())
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        if current_key not in self._headmask_plan:
+        if current_key not in self._headmask_targets:
             raise ValueError(f"The adapter weights name {current_key!r}, which its config's heads do not select.")
-        channels, axis = self._headmask_plan[current_key]
+        channels, axis = self._headmask_targets[current_key]
         if isinstance(target, HeadMaskLayer):
             target.update_layer(adapter_name, channels, axis, peft_config, inference_mode=peft_config.inference_mode)
         else:
