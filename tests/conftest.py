@@ -32,14 +32,36 @@ ARCHS = {
     "roberta": (lambda: tf.RobertaConfig(**_DEC, max_position_embeddings=64), tf.RobertaModel, _BERT, "layer", None),
 }
 ARCH_NAMES = list(ARCHS)
+_GQA = dict(_DEC, num_key_value_heads=2)
+# more built-in architectures, run by the shared contract in test_delta_kinds.py (not by the whole matrix above)
+MORE_ARCHS = {
+    "mixtral": (lambda: tf.MixtralConfig(**_GQA, num_local_experts=2, num_experts_per_tok=1), tf.MixtralForCausalLM),
+    "qwen2_moe": (lambda: tf.Qwen2MoeConfig(**_GQA, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                                            shared_expert_intermediate_size=32), tf.Qwen2MoeForCausalLM),
+    "qwen3": (lambda: tf.Qwen3Config(**_GQA, head_dim=32), tf.Qwen3ForCausalLM),  # head_dim != hidden / heads
+    "qwen3_moe": (lambda: tf.Qwen3MoeConfig(**_GQA, head_dim=32, num_experts=2, num_experts_per_tok=1,
+                                            moe_intermediate_size=32), tf.Qwen3MoeForCausalLM),
+    "gemma2": (lambda: tf.Gemma2Config(**_GQA, head_dim=32), tf.Gemma2ForCausalLM),
+    "gemma3_text": (lambda: tf.Gemma3TextConfig(**_GQA, head_dim=32), tf.Gemma3ForCausalLM),
+    "phi": (lambda: tf.PhiConfig(**_DEC), tf.PhiForCausalLM),
+    "gptj": (lambda: tf.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, rotary_dim=8,
+                                   bos_token_id=1, eos_token_id=1), tf.GPTJForCausalLM),
+    "stablelm": (lambda: tf.StableLmConfig(**_GQA, eos_token_id=1, bos_token_id=1), tf.StableLmForCausalLM),
+    "olmo": (lambda: tf.OlmoConfig(**_GQA), tf.OlmoForCausalLM),
+    "olmo2": (lambda: tf.Olmo2Config(**_GQA), tf.Olmo2ForCausalLM),
+    "xlm-roberta": (lambda: tf.XLMRobertaConfig(**_DEC, max_position_embeddings=64), tf.XLMRobertaModel),
+    "distilbert": (lambda: tf.DistilBertConfig(vocab_size=VOCAB, dim=64, hidden_dim=96, n_layers=3, n_heads=4,
+                                               max_position_embeddings=64), tf.DistilBertModel),
+}
 
 
 def make_model(arch: str, seed: int = 0, dtype=torch.float32):
     """A tiny random model of ``arch`` (3 layers, hidden 64, 4 heads; GQA with 2 kv heads where supported)."""
-    config_fn, cls, *_ = ARCHS[arch]
+    config_fn, cls, *_ = ARCHS[arch] if arch in ARCHS else MORE_ARCHS[arch]
     torch.manual_seed(seed)
     config = config_fn()
     config._attn_implementation = "eager"
+    config._experts_implementation = "eager"  # MoE: a plain loop over experts (the grouped matmul has no float64)
     model = cls(config).to(dtype)
     # random biases: the default zero init would hide bias-slice bugs
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""The tuner contract, run for every registered delta kind (peft_alps.heads.delta).
+"""The tuner contract, run for every registered delta kind (peft_alps.heads.delta), and for the dense kind on
+the built-in architectures beyond the main matrix of tests/conftest.py.
 
 A kind only says how its tensors make the slice update ``D`` (and the bias update). Everything else must follow
 from that, for every kind alike: gradients, merge == forward, bit-exact unmerge, save/load, the streamed file
@@ -12,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ARCHS, make_inputs, make_model, output_of
+from conftest import MORE_ARCHS, make_inputs, make_model, output_of
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -23,6 +24,8 @@ from peft_alps.heads.layout import linear_dim, linear_frame
 
 KINDS = sorted(DELTA_KINDS)
 ARCH_SUBSET = ["llama", "qwen2", "gpt2", "gpt_neox"]  # GQA; biased q/k/v; Conv1D fused blocks; interleaved
+# every kind on the subset; the dense kind also on the other built-in architectures (tests/conftest.py MORE_ARCHS)
+CASES = [(kind, arch) for kind in KINDS for arch in ARCH_SUBSET] + [("dense", arch) for arch in MORE_ARCHS]
 HEADS = {0: [1], 2: [0, 3]}
 PARTS = ["q", "k", "v", "o"]
 
@@ -42,8 +45,7 @@ def test_the_test_kind_is_registered():
     assert {"dense", "scaled_test"} <= set(KINDS)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("arch", ARCH_SUBSET)
+@pytest.mark.parametrize("kind, arch", CASES)
 @pytest.mark.parametrize("strategy", ["merged", "output_add"])
 def test_gradients_follow_the_full_weight_gradient(kind, arch, strategy):
     """Each tensor's gradient is the chain rule through the kind's update of the slice of the full weight
@@ -71,8 +73,7 @@ def test_gradients_follow_the_full_weight_gradient(kind, arch, strategy):
             torch.testing.assert_close(p.grad, want[t], atol=1e-7, rtol=1e-5, msg=lambda m: f"{name}.{t}: {m}")
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("arch", ARCH_SUBSET)
+@pytest.mark.parametrize("kind, arch", CASES)
 def test_merge_equals_forward_and_unmerge_is_bit_exact(kind, arch):
     base, pm = adapter_model(arch, kind)
     inputs = make_inputs()
@@ -88,8 +89,7 @@ def test_merge_equals_forward_and_unmerge_is_bit_exact(kind, arch):
         assert torch.equal(restored[key], value), key
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("arch", ARCH_SUBSET)
+@pytest.mark.parametrize("kind, arch", CASES)
 def test_save_load_streamed_merge_and_export(kind, arch, tmp_path):
     base, pm = adapter_model(arch, kind)
     inputs = make_inputs()

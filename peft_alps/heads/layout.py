@@ -89,9 +89,14 @@ _BERT = ArchSpec(
 
 #: model_type -> ArchSpec. Extend by passing ``HeadMaskConfig(layout=...)`` instead of editing this table.
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
+    # separate q/k/v/o projections named like Llama's (head_dim from the config where it is stated: Qwen3, Gemma 2/3)
+    **{t: _LLAMA for t in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma2",
+                           "gemma3_text", "stablelm", "olmo", "olmo2")},
+    "phi": ArchSpec("layers", {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                               "o": "self_attn.dense"}),
+    "gptj": ArchSpec("h", {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.out_proj"}),
+    "distilbert": ArchSpec("layer", {"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin",
+                                     "o": "attention.out_lin"}),
     "gpt2": ArchSpec("h", {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj"}, "blocks",
                     transposed=True),
     "gpt_neox": ArchSpec(
@@ -104,6 +109,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                                 "o": "self_attn.o_proj"}, "blocks"),
     "bert": _BERT,
     "roberta": _BERT,
+    "xlm-roberta": _BERT,
 }
 
 
