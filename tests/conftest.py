@@ -81,6 +81,19 @@ def output_of(model, inputs):
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
 
 
+def backward_with_merged_reference(pm, inputs):
+    """Backpropagate one random probe of the output through ``pm`` and through its merged copy (plain modules, the
+    independent reference); return the merged copy, whose weights now hold the full gradients."""
+    import copy
+
+    ref = copy.deepcopy(pm).merge_and_unload()
+    ref.requires_grad_(True)
+    probe = torch.randn_like(output_of(ref, inputs))
+    (output_of(pm, inputs) * probe).sum().backward()
+    (output_of(ref, inputs) * probe).sum().backward()
+    return ref
+
+
 def block_module(model, arch, layer, part):
     """The (unwrapped) projection holding ``part`` in block ``layer``."""
     _, _, modules, blocks, _ = ARCHS[arch]

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import MORE_ARCHS, make_inputs, make_model, output_of
+from conftest import MORE_ARCHS, backward_with_merged_reference, make_inputs, make_model, output_of
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -51,12 +51,7 @@ def test_gradients_follow_the_full_weight_gradient(kind, arch, strategy):
     """Each tensor's gradient is the chain rule through the kind's update of the slice of the full weight
     gradient of the merged model (an independent computation: plain nn.Linear / Conv1D, no adapter)."""
     _, pm = adapter_model(arch, kind, torch.float64, forward_strategy=strategy)
-    ref = copy.deepcopy(pm).merge_and_unload()
-    ref.requires_grad_(True)
-    inputs = make_inputs()
-    probe = torch.randn_like(output_of(ref, inputs))
-    (output_of(pm, inputs) * probe).sum().backward()
-    (output_of(ref, inputs) * probe).sum().backward()
+    ref = backward_with_merged_reference(pm, make_inputs())
     ref_modules = dict(ref.named_modules())
     for name, layer in layers(pm).items():
         axis, idx = layer.headmask_axis["default"], layer.headmask_index["default"]

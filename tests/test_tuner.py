@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ARCHS, block_module, expected_masks, linear_frame, make_inputs, make_model, output_of
+from conftest import ARCHS, backward_with_merged_reference, block_module, expected_masks, linear_frame, make_inputs, make_model, output_of
 from peft import get_peft_model
 
 import peft_alps
@@ -65,12 +65,7 @@ def test_gradients_equal_masked_full_gradient(arch, strategy):
     pm = get_peft_model(copy.deepcopy(base),
                         HeadMaskConfig(heads=HEADS, parts=ALL_PARTS, init_weights=False, forward_strategy=strategy))
     # the unwrapped reference is the same function: base weights with the random deltas merged in
-    ref = copy.deepcopy(pm).merge_and_unload()
-    ref.requires_grad_(True)
-    inputs = make_inputs()
-    probe = torch.randn_like(output_of(ref, inputs))
-    (output_of(pm, inputs) * probe).sum().backward()
-    (output_of(ref, inputs) * probe).sum().backward()
+    ref = backward_with_merged_reference(pm, make_inputs())
 
     masks = expected_masks(base, arch, HEADS, ALL_PARTS)
     layers = wrapped_layers(pm)
