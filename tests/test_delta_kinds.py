@@ -129,3 +129,33 @@ def test_gmt_masks_every_tensor_of_the_kind(kind):
     for p, before in zip(params, nonzero_before):
         assert int(p.grad.eq(0).sum()) >= math.floor(0.25 * p.numel())
         assert int(p.grad.ne(0).sum()) >= before - math.floor(0.25 * p.numel())
+
+
+@pytest.mark.parametrize("arch", sorted(MORE_ARCHS))
+def test_more_architectures_identity_count_and_bf16_unmerge(arch):
+    """The rest of the contract on the other built-in architectures: the model is unchanged at init, the trainable
+    count is the formula from the config's numbers (not from the layout code), and a bf16 base comes back bit for
+    bit after merge + unmerge."""
+    base = make_model(arch)
+    config, inputs = base.config, make_inputs()
+    heads_, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads_
+    with torch.no_grad():
+        pm = get_peft_model(copy.deepcopy(base), HeadMaskConfig(heads=HEADS, parts=PARTS))
+        assert torch.equal(output_of(pm, inputs), output_of(base, inputs))
+    biased = {p: next(m for n, m in pm.named_modules() if isinstance(m, HeadMaskLayer) and n.endswith(path))
+              .get_base_layer().bias is not None for p, path in pm.peft_config["default"].layout["modules"].items()}
+    want = 0
+    for layer, hs in HEADS.items():
+        groups = {h // (heads_ // kv) for h in hs}
+        for part, units in (("q", len(hs)), ("k", len(groups)), ("v", len(groups)), ("o", len(hs))):
+            want += units * head_dim * config.hidden_size + (units * head_dim if part != "o" and biased[part] else 0)
+    assert sum(p.numel() for p in pm.parameters() if p.requires_grad) == want
+    bf16 = make_model(arch, dtype=torch.bfloat16)
+    original = {k: v.clone() for k, v in bf16.state_dict().items()}
+    pm = get_peft_model(bf16, HeadMaskConfig(heads=HEADS, parts=PARTS, init_weights=False))
+    pm.merge_adapter()
+    pm.unmerge_adapter()
+    restored = {k.replace("base_layer.", ""): v for k, v in pm.base_model.model.state_dict().items()
+                if "headmask_" not in k}
+    assert all(torch.equal(restored[k], v) for k, v in original.items())
