@@ -159,3 +159,14 @@ def test_more_architectures_identity_count_and_bf16_unmerge(arch):
     restored = {k.replace("base_layer.", ""): v for k, v in pm.base_model.model.state_dict().items()
                 if "headmask_" not in k}
     assert all(torch.equal(restored[k], v) for k, v in original.items())
+
+
+@pytest.mark.parametrize("arch", sorted(MORE_ARCHS))
+def test_more_architectures_score_heads(arch):
+    """ALPS scoring reads the new layouts: a model against itself scores exactly 0, against another seed > 0."""
+    from peft_alps import score_heads
+
+    base, other = make_model(arch), make_model(arch, seed=1)
+    same, moved = score_heads(base, copy.deepcopy(base)).scores, score_heads(base, other).scores
+    assert same.shape == moved.shape == (base.config.num_hidden_layers, base.config.num_attention_heads)
+    assert torch.equal(same, torch.zeros_like(same)) and bool((moved > 0).all())
