@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 PROG = "peft-alps"
-# the choices of peft_alps.scoring.weight_scores.METRICS / REPRESENTATIONS (tests/test_cli.py checks they are equal), written out
-# here because peft_alps.scoring.weight_scores imports torch
+# the choices of peft_alps.scoring.weight_scores.METRICS / REPRESENTATIONS (tests/test_cli.py checks they are
+# equal), written out here because peft_alps.scoring.weight_scores imports torch
 METRICS = ("pad", "wasserstein", "kl", "js", "cosine", "euclidean")
 REPRESENTATIONS = ("product", "concat")
 

@@ -37,7 +37,7 @@ from ..io.adapter import (BIN_NAME, CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterEr
                           expected_tensors, head_tensor_key, read_config, read_heads, split_head_key)
 from ..io.files import staged_folder
 from ..io.integrity import IntegrityError, check_file
-from ..io.safetensors import SafetensorsError
+from ..io.safetensors import SafetensorsError, read_header
 
 
 class ExportError(AdapterError):
@@ -147,8 +147,7 @@ def _read_folder(folder: Path, force: bool = False) -> tuple[dict, list[_Slice],
 
     # the base is not here: module names come from target_modules, feature counts from the layout, biases from
     # the file
-    with safe_open(weights, framework="pt") as f:
-        keys = set(f.keys())
+    keys = set(read_header(weights).entries)
     try:
         targets, located = layout.targets(heads, parts), {}
     except ValueError as e:  # LayoutError: a head the layout does not have

@@ -42,7 +42,8 @@ class HeadDelta:
 
     @staticmethod
     def shapes(n: int, axis: str, out_features: int, in_features: int, bias: bool) -> dict[str, tuple[int, ...]]:
-        """Shapes of the tensors of one projection: ``n`` channels on ``axis``; ``bias``: the projection has one."""
+        """Shapes of the tensors of one projection: ``n`` channels on ``axis``; ``bias``: the slice has a bias part
+        (rows, ``axis="out"``, of a projection with a bias; never for columns)."""
         raise NotImplementedError
 
     @staticmethod

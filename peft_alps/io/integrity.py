@@ -92,10 +92,14 @@ def check_fingerprint(recorded, current: dict, what: str, force: bool = False, w
 # ----- delta checksum -----
 def file_checksum(path) -> str:
     """SHA-256 of a safetensors file's tensor entries (names, dtypes, shapes, offsets) and data bytes."""
-    shard = read_header(Path(path))
+    return _checksum(read_header(Path(path)))
+
+
+def _checksum(shard) -> str:
+    """:func:`file_checksum` of the file whose validated header is ``shard``."""
     entries = {e.name: [e.dtype, list(e.shape), e.begin, e.end] for e in shard.entries.values()}
     digest = hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode())
-    with open(path, "rb") as f:
+    with open(shard.path, "rb") as f:
         f.seek(shard.data_start)
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
@@ -109,8 +113,9 @@ def recorded_checksum(path) -> str | None:
 
 def check_file(path, force: bool = False, warn: bool = False) -> None:
     """Recompute the checksum of the adapter weights ``path`` and compare it with the stamped one (if any)."""
-    recorded = recorded_checksum(path)
-    if recorded is None or recorded == file_checksum(path):
+    shard = read_header(Path(path))
+    recorded = (shard.metadata or {}).get(CHECKSUM_KEY)
+    if recorded is None or recorded == _checksum(shard):
         return
     message = (f"{path}: the tensors do not match the checksum written when the adapter was saved: the file was "
                f"modified or corrupted after saving.")
@@ -129,7 +134,7 @@ def stamp_checksum(path) -> None:
     """Write the checksum into the file's ``__metadata__`` (atomically; the tensor bytes are copied as they are)."""
     path = Path(path)
     shard = read_header(path)
-    checksum = file_checksum(path)
+    checksum = _checksum(shard)
     metadata = dict(shard.metadata or {})
     if metadata.get(CHECKSUM_KEY) == checksum:
         return

@@ -35,8 +35,9 @@ def projection_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Full module name -> ``(out_features, in_features)`` of every nn.Linear / Conv1D (a wrapped one: its base)."""
     shapes = {}
     for name, module in model.named_modules():
-        if isinstance(_base(module), (nn.Linear, Conv1D)):
-            in_features, out_features = _get_in_out_features(_base(module))
+        base = _base(module)
+        if isinstance(base, (nn.Linear, Conv1D)):
+            in_features, out_features = _get_in_out_features(base)
             shapes[name] = (out_features, in_features)
     return shapes
 
