@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it (imported on first access, see __getattr__)
 _LAZY = {
     "ARCHITECTURES": "heads.layout", "HeadLayout": "heads.layout", "LayoutError": "heads.layout",
-    "HeadDelta": "heads.delta", "register_delta_kind": "heads.delta",
+    "check_layout": "heads.check", "LayoutCheck": "heads.check", "infer_layout": "heads.infer",
+    "architecture_table": "heads.layout", "HeadDelta": "heads.delta", "register_delta_kind": "heads.delta",
     "HeadMaskConfig": "tuner.config", "HeadMaskLayer": "tuner.layer", "HeadMaskModel": "tuner.model",
     "HeadScores": "scoring.scores", "score_heads": "scoring.weight_scores", "ProbeWeights": "scoring.sources",
     "probe_task_model": "scoring.probe", "gradient_head_scores": "scoring.gradient_scores",
@@ -30,8 +31,8 @@ _LAZY = {
     "select_heads": "scoring.selection", "export_lora": "deploy.export", "merge_checkpoint": "deploy.merge",
 }
 __all__ = ["ARCHITECTURES", "HeadDelta", "HeadLayout", "HeadMaskConfig", "HeadMaskLayer", "HeadMaskModel",
-           "HeadScores", "LayoutError", "ProbeWeights", "export_lora", "gradient_head_scores",
-           "layer_consistent_heads", "merge_checkpoint", "probe_task_model", "random_heads", "register_delta_kind",
+           "HeadScores", "LayoutCheck", "LayoutError", "ProbeWeights", "architecture_table", "check_layout",
+           "export_lora", "gradient_head_scores", "infer_layout", "layer_consistent_heads", "merge_checkpoint", "probe_task_model", "random_heads", "register_delta_kind",
            "score_heads", "select_heads"]
 # submodules that load without PEFT: the command line, whose commands import the rest when they run
 _WITHOUT_PEFT = frozenset({f"{__name__}.cli", f"{__name__}.__main__"})

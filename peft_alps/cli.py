@@ -2,6 +2,7 @@
 
     peft-alps localize BASE TASK --ratio 0.1 --out heads/
     peft-alps localize BASE --data train.jsonl --ratio 0.1 --out heads/
+    peft-alps check-layout MODEL_DIR_OR_CONFIG
 
 Subcommands are registered in ``build_parser``; each is a function
 ``(args) -> exit code``. Errors print one line ``peft-alps: error: ...`` to
@@ -19,6 +20,10 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the command line loads torch when a command runs
+    from .scoring.scores import HeadScores
 
 PROG = "peft-alps"
 # the choices of peft_alps.scoring.weight_scores.METRICS / REPRESENTATIONS (tests/test_cli.py checks they are
@@ -153,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "(needs matplotlib: pip install peft-alps[plot])")
     i.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     i.set_defaults(func=inspect_command)
+
+    c = sub.add_parser(
+        "check-layout",
+        help="prove an attention layout head by head on a one-layer random model of a config",
+        description="Build a one-layer random model from the config in MODEL_DIR_OR_CONFIG (a model folder or its "
+        "config.json; no weights are read), perturb each head's q, k and v rows of layer 0 and check that only "
+        "that head (for k and v: its kv group) changes at the attention output. Uses the built-in layout of the "
+        "architecture, the inferred one for any other, or --layout. Prints the layout (JSON you can pass as "
+        "layout=) and which parts couple heads; exit code 1 if the layout is wrong, with the field to fix.",
+        epilog="example: peft-alps check-layout ./SmolLM2-135M",
+    )
+    c.add_argument("model", metavar="MODEL_DIR_OR_CONFIG", help="model folder or config.json")
+    c.add_argument("--stack", help="attention stack of a model with several (T5: encoder, decoder, cross)")
+    c.add_argument("--layout", metavar="JSON", help="a layout file to check instead (HeadLayout keys)")
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+    c.set_defaults(func=check_layout_command)
     return parser
 
 
@@ -372,4 +393,32 @@ def inspect_command(args) -> int:
         plot_heatmap(selection, info["heads"], args.heatmap, label="selected (1) / not (0)",
                      title=f"{info['selected']} of {info['total']} heads selected ({info['ratio']:.1%})")
         print(f"heatmap: {args.heatmap}")
+    return 0
+
+
+def check_layout_command(args) -> int:
+    """``peft-alps check-layout``: prove a layout on a one-layer random model of a config."""
+    path = Path(args.model)
+    if not (path / "config.json").is_file() and not (path.is_file() and path.name == "config.json"):
+        raise CLIError(f"MODEL_DIR_OR_CONFIG must be a model folder with a config.json, or a config.json: {path}")
+    layout = None
+    if args.layout is not None:
+        try:
+            layout = json.loads(Path(args.layout).read_text())
+        except (OSError, ValueError) as e:
+            raise CLIError(f"--layout {args.layout}: cannot read a JSON layout ({e})") from None
+    from .heads.check import check_layout
+    from .heads.layout import LayoutError
+
+    try:
+        result = check_layout(path, layout, stack=args.stack)
+    except LayoutError as e:
+        print(f"{PROG}: layout check failed: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"layout": result.layout.to_dict(), "coupled": list(result.coupled),
+                          "probes": result.probes}, indent=2))
+    else:
+        print(result.summary())
+        print(json.dumps(result.layout.to_dict()))
     return 0

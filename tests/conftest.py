@@ -33,7 +33,14 @@ ARCHS = {
 }
 ARCH_NAMES = list(ARCHS)
 _GQA = dict(_DEC, num_key_value_heads=2)
-# more built-in architectures, run by the shared contract in test_delta_kinds.py (not by the whole matrix above)
+_FALCON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, bias=True)
+_BIGCODE = dict(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=3, n_head=4, n_positions=64, bos_token_id=1,
+                eos_token_id=1)
+_DEBERTA = dict(_DEC, max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                position_buckets=16, max_relative_positions=32)
+# more built-in architectures, run by the shared contract in test_delta_kinds.py (not by the whole matrix above).
+# Keys are test case names (several cases may share a model_type): case -> (config factory, model class[, stack]),
+# the stack naming the attention stack of a model with several (T5); arch_stack / arch_layout read it.
 MORE_ARCHS = {
     "mixtral": (lambda: tf.MixtralConfig(**_GQA, num_local_experts=2, num_experts_per_tok=1), tf.MixtralForCausalLM),
     "qwen2_moe": (lambda: tf.Qwen2MoeConfig(**_GQA, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
@@ -52,7 +59,48 @@ MORE_ARCHS = {
     "xlm-roberta": (lambda: tf.XLMRobertaConfig(**_DEC, max_position_embeddings=64), tf.XLMRobertaModel),
     "distilbert": (lambda: tf.DistilBertConfig(vocab_size=VOCAB, dim=64, hidden_dim=96, n_layers=3, n_heads=4,
                                                max_position_embeddings=64), tf.DistilBertModel),
+    "gemma": (lambda: tf.GemmaConfig(**_GQA, head_dim=32), tf.GemmaForCausalLM),  # head_dim != hidden / heads
+    "opt": (lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=3,
+                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64),
+            tf.OPTForCausalLM),
+    # Falcon's three attention layouts, chosen by the config's flags (bias on: the fused q/k/v bias slices)
+    "falcon_new": (lambda: tf.FalconConfig(**_FALCON, new_decoder_architecture=True, num_kv_heads=2),
+                   tf.FalconForCausalLM),  # grouped interleaved [q q k v | q q k v]
+    "falcon_mq": (lambda: tf.FalconConfig(**_FALCON, new_decoder_architecture=False, multi_query=True),
+                  tf.FalconForCausalLM),  # [Q | k | v], one kv head
+    "falcon_mha": (lambda: tf.FalconConfig(**_FALCON, new_decoder_architecture=False, multi_query=False),
+                   tf.FalconForCausalLM),  # [q k v] per head
+    "gpt_bigcode_mq": (lambda: tf.GPTBigCodeConfig(**_BIGCODE, multi_query=True), tf.GPTBigCodeForCausalLM),
+    "gpt_bigcode_mha": (lambda: tf.GPTBigCodeConfig(**_BIGCODE, multi_query=False), tf.GPTBigCodeForCausalLM),
+    "modernbert": (lambda: tf.ModernBertConfig(**_DEC, max_position_embeddings=64, attention_bias=True,
+                                               pad_token_id=0, bos_token_id=1, eos_token_id=1, cls_token_id=1,
+                                               sep_token_id=1), tf.ModernBertModel),
+    # relative attention (c2p and p2c): shared with the content projections (DeBERTa-v3 checkpoints), or its own
+    "deberta-v2": (lambda: tf.DebertaV2Config(**_DEBERTA, share_att_key=True), tf.DebertaV2Model),
+    "deberta-v2_unshared": (lambda: tf.DebertaV2Config(**_DEBERTA), tf.DebertaV2Model),  # share_att_key default
+    # T5: three attention stacks, each its own layout (the case's third entry); d_kv != d_model / num_heads and
+    # a decoder shallower than the encoder
+    **{f"t5_{stack}": (lambda: tf.T5Config(vocab_size=VOCAB, d_model=64, d_kv=8, d_ff=96, num_layers=3,
+                                           num_decoder_layers=2, num_heads=4, decoder_start_token_id=0),
+                       tf.T5ForConditionalGeneration, stack) for stack in ("encoder", "decoder", "cross")},
 }
+
+
+def arch_stack(arch: str) -> str | None:
+    """The attention stack a test case trains (T5's ``"encoder"``, ``"decoder"`` or ``"cross"``), else None."""
+    if arch in ARCHS:
+        return None
+    entry = MORE_ARCHS[arch]
+    return entry[2] if len(entry) > 2 else None
+
+
+def arch_layout(arch: str, config):
+    """The ``layout=`` a test passes to HeadMaskConfig / score_heads for ``arch``: None (derived from the config)
+    for a model with one attention stack, ``HeadLayout.from_model_config(config, stack=...)`` for the others."""
+    from peft_alps import HeadLayout
+
+    stack = arch_stack(arch)
+    return None if stack is None else HeadLayout.from_model_config(config, stack=stack)
 
 
 def make_model(arch: str, seed: int = 0, dtype=torch.float32):
@@ -66,17 +114,30 @@ def make_model(arch: str, seed: int = 0, dtype=torch.float32):
     # random biases: the default zero init would hide bias-slice bugs
     with torch.no_grad():
         for m in model.modules():
-            if getattr(m, "bias", None) is not None and isinstance(m.bias, torch.Tensor):
+            if isinstance(getattr(m, "bias", None), torch.Tensor) and m.bias.is_floating_point():  # not a mask buffer
                 m.bias.normal_(0, 0.02)
     return model.eval()
 
 
-def make_inputs(seed: int = 1, batch: int = 2, seq: int = 12):
+def make_inputs(seed: int = 1, batch: int = 2, seq: int = 12, decoder_seq: int | None = None):
+    """Random token ids; ``decoder_seq``: also ``decoder_input_ids`` of that length (encoder-decoder models;
+    :func:`output_of` adds default ones when they are missing)."""
     g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(2, VOCAB, (batch, seq), generator=g)}
+    inputs = {"input_ids": torch.randint(2, VOCAB, (batch, seq), generator=g)}
+    if decoder_seq is not None:
+        inputs["decoder_input_ids"] = torch.randint(2, VOCAB, (batch, decoder_seq), generator=g)
+    return inputs
+
+
+def decoder_input_ids(input_ids):
+    """Default decoder tokens of an encoder-decoder model: the inputs reversed, cut to two thirds of their length
+    (a decoder length unlike the encoder's, so cross-attention shape mix-ups cannot pass)."""
+    return input_ids.flip(-1)[:, : max(1, 2 * input_ids.shape[-1] // 3)]
 
 
 def output_of(model, inputs):
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "decoder_input_ids" not in inputs:
+        inputs = {**inputs, "decoder_input_ids": decoder_input_ids(inputs["input_ids"])}
     out = model(**inputs)
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
 

@@ -4,7 +4,10 @@ the built-in architectures beyond the main matrix of tests/conftest.py.
 A kind only says how its tensors make the slice update ``D`` (and the bias update). Everything else must follow
 from that, for every kind alike: gradients, merge == forward, bit-exact unmerge, save/load, the streamed file
 merge, the LoRA export and GMT. The built-in ``dense`` kind and the test-only ``scaled_test`` kind
-(tests/scaled_delta.py: its own module plus one register call) run the same tests.
+(tests/scaled_delta.py: its own module plus one register call) run the same tests. A case of a model with
+several attention stacks (T5's encoder, decoder and cross attention) trains its stack's layout, passed as
+``layout=`` (conftest.arch_layout); the numbers the tests check against are read from the config by hand
+(:func:`attention_numbers`).
 """
 
 import copy
@@ -13,7 +16,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import MORE_ARCHS, backward_with_merged_reference, make_inputs, make_model, output_of
+from conftest import (MORE_ARCHS, arch_layout, arch_stack, backward_with_merged_reference, make_inputs, make_model,
+                      output_of)
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -30,10 +34,38 @@ HEADS = {0: [1], 2: [0, 3]}
 PARTS = ["q", "k", "v", "o"]
 
 
+def attention_numbers(arch, config) -> dict:
+    """The numbers of the attention a case trains, read from the config by hand (the independent reference for
+    the trainable count and the score shape; not peft_alps' layout code): layers, heads, kv heads, head size,
+    hidden size."""
+    heads = config.num_attention_heads
+    numbers = {"layers": config.num_hidden_layers, "heads": heads,
+               "kv": getattr(config, "num_key_value_heads", None) or heads,
+               "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+               "hidden": config.hidden_size}
+    if config.model_type == "falcon":  # kv heads from the flags (config.num_kv_heads only counts in the new one)
+        numbers["kv"] = (config.num_kv_heads if config.new_decoder_architecture else
+                         1 if config.multi_query else heads)
+    elif config.model_type == "gpt_bigcode":
+        numbers["kv"] = 1 if config.multi_query else heads
+    elif config.model_type == "t5":  # T5's own names: head size d_kv, the decoder's depth num_decoder_layers
+        numbers = {"layers": config.num_layers if arch_stack(arch) == "encoder" else config.num_decoder_layers,
+                   "heads": config.num_heads, "kv": config.num_heads, "head_dim": config.d_kv,
+                   "hidden": config.d_model}
+    return numbers
+
+
+def heads_for(arch, config) -> dict:
+    """HEADS, its last layer moved to the last layer of the case's stack (T5's decoder has 2)."""
+    last = attention_numbers(arch, config)["layers"] - 1
+    return {0: HEADS[0], last: HEADS[2]}
+
+
 def adapter_model(arch, kind, dtype=torch.float32, **config):
     base = make_model(arch, dtype=dtype)
-    pm = get_peft_model(copy.deepcopy(base), HeadMaskConfig(heads=HEADS, parts=PARTS, delta_kind=kind,
-                                                            init_weights=False, **config))
+    pm = get_peft_model(copy.deepcopy(base), HeadMaskConfig(heads=heads_for(arch, base.config), parts=PARTS,
+                                                            delta_kind=kind, init_weights=False,
+                                                            layout=arch_layout(arch, base.config), **config))
     return base, pm
 
 
@@ -138,22 +170,22 @@ def test_more_architectures_identity_count_and_bf16_unmerge(arch):
     bit after merge + unmerge."""
     base = make_model(arch)
     config, inputs = base.config, make_inputs()
-    heads_, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads_
+    numbers, heads, layout = attention_numbers(arch, config), heads_for(arch, config), arch_layout(arch, config)
+    heads_, kv, head_dim = numbers["heads"], numbers["kv"], numbers["head_dim"]
     with torch.no_grad():
-        pm = get_peft_model(copy.deepcopy(base), HeadMaskConfig(heads=HEADS, parts=PARTS))
+        pm = get_peft_model(copy.deepcopy(base), HeadMaskConfig(heads=heads, parts=PARTS, layout=layout))
         assert torch.equal(output_of(pm, inputs), output_of(base, inputs))
     biased = {p: next(m for n, m in pm.named_modules() if isinstance(m, HeadMaskLayer) and n.endswith(path))
               .get_base_layer().bias is not None for p, path in pm.peft_config["default"].layout["modules"].items()}
     want = 0
-    for layer, hs in HEADS.items():
+    for layer, hs in heads.items():
         groups = {h // (heads_ // kv) for h in hs}
         for part, units in (("q", len(hs)), ("k", len(groups)), ("v", len(groups)), ("o", len(hs))):
-            want += units * head_dim * config.hidden_size + (units * head_dim if part != "o" and biased[part] else 0)
+            want += units * head_dim * numbers["hidden"] + (units * head_dim if part != "o" and biased[part] else 0)
     assert sum(p.numel() for p in pm.parameters() if p.requires_grad) == want
     bf16 = make_model(arch, dtype=torch.bfloat16)
     original = {k: v.clone() for k, v in bf16.state_dict().items()}
-    pm = get_peft_model(bf16, HeadMaskConfig(heads=HEADS, parts=PARTS, init_weights=False))
+    pm = get_peft_model(bf16, HeadMaskConfig(heads=heads, parts=PARTS, init_weights=False, layout=layout))
     pm.merge_adapter()
     pm.unmerge_adapter()
     restored = {k.replace("base_layer.", ""): v for k, v in pm.base_model.model.state_dict().items()
@@ -167,6 +199,8 @@ def test_more_architectures_score_heads(arch):
     from peft_alps import score_heads
 
     base, other = make_model(arch), make_model(arch, seed=1)
-    same, moved = score_heads(base, copy.deepcopy(base)).scores, score_heads(base, other).scores
-    assert same.shape == moved.shape == (base.config.num_hidden_layers, base.config.num_attention_heads)
+    layout, numbers = arch_layout(arch, base.config), attention_numbers(arch, base.config)
+    same = score_heads(base, copy.deepcopy(base), layout=layout).scores
+    moved = score_heads(base, other, layout=layout).scores
+    assert same.shape == moved.shape == (numbers["layers"], numbers["heads"])
     assert torch.equal(same, torch.zeros_like(same)) and bool((moved > 0).all())

@@ -1,6 +1,7 @@
 """Bad input raises a clear error before anything is modified."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from conftest import make_inputs, make_model, output_of
 from peft import get_peft_model
 
 import peft_alps
-from peft_alps import HeadMaskConfig, LayoutError
+from peft_alps import HeadLayout, HeadMaskConfig, LayoutError
 from peft_alps.tuner.layer import HeadMaskLayer
 
 
@@ -49,27 +50,45 @@ def test_config_validation(kwargs, match):
         HeadMaskConfig(**kwargs)
 
 
-def test_unsupported_architecture_names_supported_ones_and_custom_layout():
+def biogpt():
+    """A tiny BioGPT: an architecture peft_alps has no built-in layout for (layers.N.self_attn.{q,k,v,out}_proj)."""
     torch.manual_seed(0)
-    model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=64))
-    snapshot = copy.deepcopy(model.state_dict())
-    with pytest.raises(LayoutError, match=r"model_type='opt'.*Supported: \[.*'gpt2'.*'llama'.*layout="):
-        get_peft_model(model, HeadMaskConfig(heads={0: [1]}))
-    assert_untouched(model, snapshot)
+    return tf.BioGptForCausalLM(tf.BioGptConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=96,
+                                                max_position_embeddings=64))
 
-    layout = dict(model_type="opt", num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, hidden_size=64,
+
+def test_unknown_architecture_is_inferred_with_a_warning_or_refused_clearly():
+    layout = dict(model_type="biogpt", num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, hidden_size=64,
                   layers="layers", modules={"q": "self_attn.q_proj", "k": "self_attn.k_proj",
                                             "v": "self_attn.v_proj", "o": "self_attn.out_proj"})
-    pm = get_peft_model(model, HeadMaskConfig(heads={0: [1]}, layout=layout, parts=["q", "o"]))
+    model = biogpt()
+    assert model.config.model_type not in peft_alps.ARCHITECTURES
+    with pytest.warns(UserWarning, match="no built-in layout for model_type='biogpt': inferred"):
+        pm = get_peft_model(copy.deepcopy(model), HeadMaskConfig(heads={0: [1]}, parts=["q", "o"]))
+    assert pm.peft_config["default"].layout == HeadLayout.from_dict(layout).to_dict()
     assert pm.get_nb_trainable_parameters()[0] == 16 * 64 + 16 + 64 * 16  # q rows + q bias rows + o columns
+
+    odd = biogpt()  # projections named so that no inference rule finds them: refused, nothing modified
+    for block in odd.biogpt.layers:
+        block.self_attn.alpha = block.self_attn.q_proj
+        del block.self_attn.q_proj
+    snapshot = copy.deepcopy(odd.state_dict())
+    with pytest.raises(LayoutError, match=r"Cannot infer the attention layout of biogpt: no block holds q, k and v"
+                                          r".*Pass HeadMaskConfig\(layout="):
+        get_peft_model(odd, HeadMaskConfig(heads={0: [1]}))
+    assert_untouched(odd, snapshot)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a layout passed: no inference, no warning
+        pm = get_peft_model(model, HeadMaskConfig(heads={0: [1]}, layout=layout, parts=["q", "o"]))
+    assert pm.get_nb_trainable_parameters()[0] == 16 * 64 + 16 + 64 * 16
 
 
 def test_custom_layout_with_wrong_module_names_fails_cleanly():
-    model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=64))
+    model = biogpt()
     snapshot = copy.deepcopy(model.state_dict())
-    layout = dict(model_type="opt", num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, hidden_size=64,
+    layout = dict(model_type="biogpt", num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, hidden_size=64,
                   layers="layers", modules={"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o"})
     with pytest.raises(LayoutError, match="Could not find the attention module"):
         get_peft_model(model, HeadMaskConfig(heads={0: [1]}, layout=layout))

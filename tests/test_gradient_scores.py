@@ -16,7 +16,7 @@ import peft_alps
 from peft_alps import HeadMaskConfig, HeadScores, select_heads
 from peft_alps.scoring.gradient_scores import KINDS, gradient_head_scores
 
-from test_localize import OPT_LAYOUT, make_opt, wrong_layouts
+from test_localize import BIOGPT_LAYOUT, make_biogpt, wrong_layouts
 
 from conftest import block_module, head_mask, linear_frame, make_inputs, make_model
 
@@ -209,7 +209,7 @@ def test_one_gradient_at_a_time_and_model_restored():
 def test_model_restored_when_the_loss_raises():
     model = make_model("llama")
     model.train()
-    model.lm_head.weight.requires_grad_(False)
+    model.get_output_embeddings().weight.requires_grad_(False)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     calls = []
 
@@ -315,18 +315,18 @@ def test_sources_count_generator_batches():
 
 
 # ----- 6. custom layout (an architecture peft_alps has no built-in layout for) -----
-def opt_batches(n=2):
+def biogpt_batches(n=2):
     g = torch.Generator().manual_seed(5)
     return [{"input_ids": ids, "labels": ids} for ids in (torch.randint(2, 128, (2, 12), generator=g)
                                                           for _ in range(n))]
 
 
 def test_custom_layout_scores_an_unknown_architecture():
-    model = make_opt()
-    assert isinstance(model.config, tf.OPTConfig)
-    batches = opt_batches()
-    with pytest.raises(peft_alps.LayoutError, match="model_type='opt'.*layout="):
-        gradient_head_scores(model, batches)
+    model = make_biogpt()
+    assert isinstance(model.config, tf.BioGptConfig)
+    batches = biogpt_batches()
+    with pytest.warns(UserWarning, match="inferred"):
+        inferred = gradient_head_scores(model, batches, "grad")
     # independent reference: plain autograd on a copy, sum of |grad| over each head's q/k/v rows, per batch
     ref = copy.deepcopy(model).eval()
     want = torch.zeros(2, 4, dtype=torch.float64)
@@ -334,24 +334,25 @@ def test_custom_layout_scores_an_unknown_architecture():
         ref.zero_grad(set_to_none=True)
         ref(**batch).loss.backward()
         for layer in range(2):
-            attn = ref.model.decoder.layers[layer].self_attn
+            attn = ref.biogpt.layers[layer].self_attn
             for head in range(4):
                 want[layer, head] += sum(m.weight.grad[head * 16:(head + 1) * 16].double().abs().sum()
                                          for m in (attn.q_proj, attn.k_proj, attn.v_proj))
-    for layout in (OPT_LAYOUT, peft_alps.HeadLayout.from_dict(OPT_LAYOUT)):
+    for layout in (BIOGPT_LAYOUT, peft_alps.HeadLayout.from_dict(BIOGPT_LAYOUT)):
         got = gradient_head_scores(model, batches, "grad", layout=layout)
         torch.testing.assert_close(got.scores.double(), want, rtol=1e-5, atol=0)
-        assert got.layout == peft_alps.HeadLayout.from_dict(OPT_LAYOUT).to_dict()
+        assert got.layout == peft_alps.HeadLayout.from_dict(BIOGPT_LAYOUT).to_dict()
+    assert torch.equal(inferred.scores, got.scores) and inferred.layout == got.layout
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
 
 
 def test_wrong_custom_layout_raises_before_touching_the_model():
-    model = make_opt()
-    model.lm_head.weight.requires_grad_(False)
+    model = make_biogpt()
+    model.get_output_embeddings().weight.requires_grad_(False)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for layout, match in wrong_layouts():
         with pytest.raises(peft_alps.LayoutError, match=match):
-            gradient_head_scores(model, opt_batches(1), layout=layout)
+            gradient_head_scores(model, biogpt_batches(1), layout=layout)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
 
@@ -365,7 +366,7 @@ def test_layout_given_for_a_known_architecture_must_agree():
     with pytest.raises(peft_alps.LayoutError, match="does not match.*num_heads"):
         gradient_head_scores(model, batches, layout={**derived.to_dict(), "num_heads": 8, "head_dim": 8})
     # PEFT-wrapped model of an unknown architecture: the layout finds the base layers
-    lora = get_peft_model(make_opt(), LoraConfig(target_modules=["q_proj", "v_proj"]))
-    got = gradient_head_scores(lora, opt_batches(), layout=OPT_LAYOUT)
-    torch.testing.assert_close(got.scores, gradient_head_scores(make_opt(), opt_batches(), layout=OPT_LAYOUT).scores,
+    lora = get_peft_model(make_biogpt(), LoraConfig(target_modules=["q_proj", "v_proj"]))
+    got = gradient_head_scores(lora, biogpt_batches(), layout=BIOGPT_LAYOUT)
+    torch.testing.assert_close(got.scores, gradient_head_scores(make_biogpt(), biogpt_batches(), layout=BIOGPT_LAYOUT).scores,
                                rtol=1e-5, atol=0)

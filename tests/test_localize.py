@@ -371,21 +371,26 @@ def test_infinite_scores_rank_first_and_nan_is_refused(tmp_path):
 
 
 # ----- 7. custom layout (an architecture peft_alps has no built-in layout for) -----
-OPT_LAYOUT = dict(model_type="opt", num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, hidden_size=64,
-                  layers="layers", modules={"q": "self_attn.q_proj", "k": "self_attn.k_proj",
-                                            "v": "self_attn.v_proj", "o": "self_attn.out_proj"})
+BIOGPT_LAYOUT = dict(model_type="biogpt", num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, hidden_size=64,
+                     layers="layers", modules={"q": "self_attn.q_proj", "k": "self_attn.k_proj",
+                                               "v": "self_attn.v_proj", "o": "self_attn.out_proj"})
 
 
-def make_opt(seed=0):
+def make_biogpt(seed=0):
+    """A tiny BioGPT (layers.N.self_attn.{q,k,v,out}_proj): an architecture without a built-in layout."""
     torch.manual_seed(seed)
-    config = tf.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
-                          word_embed_proj_dim=64)
-    return tf.OPTForCausalLM(config).eval()
+    config = tf.BioGptConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=96, max_position_embeddings=64)
+    return tf.BioGptForCausalLM(config).eval()
 
 
-def opt_head_vector(model, layer, head, representation):
-    """A head's representation built by hand from OPT's q/k/v nn.Linear rows (no layout code)."""
-    attn = model.model.decoder.layers[layer].self_attn
+def test_the_custom_layout_example_is_not_built_in():
+    assert make_biogpt().config.model_type == "biogpt" and "biogpt" not in peft_alps.ARCHITECTURES
+
+
+def biogpt_head_vector(model, layer, head, representation):
+    """A head's representation built by hand from BioGPT's q/k/v nn.Linear rows (no layout code)."""
+    attn = model.biogpt.layers[layer].self_attn
     rows = [m.weight.detach()[head * 16:(head + 1) * 16].double().numpy() for m in
             (attn.q_proj, attn.k_proj, attn.v_proj)]  # [d_head, d_model] each
     if representation == "concat":
@@ -395,67 +400,74 @@ def opt_head_vector(model, layer, head, representation):
 
 
 def wrong_layouts():
-    """(layout dict, error pattern) pairs that do not fit the 2-layer 4 x 16 OPT model.
+    """(layout dict, error pattern) pairs that do not fit the 2-layer 4 x 16 BioGPT model.
 
     num_heads=8, head_dim=8 has exactly the same q/k/v/o sizes as 4 x 16: no shape check can catch it.
     """
     q = r"q_proj(\.weight)? has 64"  # module (nn.Module input) or tensor name (checkpoint)
-    return [({**OPT_LAYOUT, "head_dim": 32}, q + r" output features.*head_dim=32"),
-            ({**OPT_LAYOUT, "num_heads": 8, "num_kv_heads": 8}, q + r" output features.*num_heads=8"),
-            ({**OPT_LAYOUT, "hidden_size": 32}, q + r" input features.*hidden_size=32"),
-            ({**OPT_LAYOUT, "num_heads": 2, "num_kv_heads": 2},
+    return [({**BIOGPT_LAYOUT, "head_dim": 32}, q + r" output features.*head_dim=32"),
+            ({**BIOGPT_LAYOUT, "num_heads": 8, "num_kv_heads": 8}, q + r" output features.*num_heads=8"),
+            ({**BIOGPT_LAYOUT, "hidden_size": 32}, q + r" input features.*hidden_size=32"),
+            ({**BIOGPT_LAYOUT, "num_heads": 2, "num_kv_heads": 2},
              q + r" output features.*check num_heads and head_dim.*num_heads=2"),  # exact features: caught at q
-            ({**OPT_LAYOUT, "num_layers": 3}, r"layers\.2\.self_attn\.q_proj.*num_layers=3"),
-            ({**OPT_LAYOUT, "num_layers": 1}, r"layers\.1\.self_attn\.q_proj.*num_layers=1"),
-            ({**OPT_LAYOUT, "modules": {**OPT_LAYOUT["modules"], "q": "self_attn.query"}}, r"self_attn\.query"),
-            ({**OPT_LAYOUT, "layers": "h"}, r"h\.0\.self_attn\.q_proj"),
-            ({**OPT_LAYOUT, "bogus": 1}, r"unknown key\(s\) \['bogus'\]")]
+            ({**BIOGPT_LAYOUT, "num_layers": 3}, r"layers\.2\.self_attn\.q_proj.*num_layers=3"),
+            ({**BIOGPT_LAYOUT, "num_layers": 1}, r"layers\.1\.self_attn\.q_proj.*num_layers=1"),
+            ({**BIOGPT_LAYOUT, "modules": {**BIOGPT_LAYOUT["modules"], "q": "self_attn.query"}}, r"self_attn\.query"),
+            ({**BIOGPT_LAYOUT, "layers": "h"}, r"h\.0\.self_attn\.q_proj"),
+            ({**BIOGPT_LAYOUT, "bogus": 1}, r"unknown key\(s\) \['bogus'\]")]
 
 
 @pytest.mark.parametrize("representation", REPRESENTATIONS)
 def test_custom_layout_scores_an_unknown_architecture(representation, tmp_path):
-    base, task = make_opt(0), make_opt(1)
-    with pytest.raises(LayoutError, match="model_type='opt'.*layout="):
-        score_heads(base, task)
-    for layout in (OPT_LAYOUT, HeadLayout.from_dict(OPT_LAYOUT)):
+    base, task = make_biogpt(0), make_biogpt(1)
+    with pytest.warns(UserWarning, match="inferred"):  # in-memory models: the layout is inferred from them
+        inferred = score_heads(base, task, "pad", representation)
+    assert inferred.layout == HeadLayout.from_dict(BIOGPT_LAYOUT).to_dict()
+    for layout in (BIOGPT_LAYOUT, HeadLayout.from_dict(BIOGPT_LAYOUT)):
         got = score_heads(base, task, "pad", representation, layout=layout)
-        assert got.layout == HeadLayout.from_dict(OPT_LAYOUT).to_dict()
+        assert got.layout == HeadLayout.from_dict(BIOGPT_LAYOUT).to_dict()
         assert got.scores.shape == (2, 4) and (got.scores > 0).all()
         for layer, head in [(0, 0), (1, 3)]:
-            p = softmax(opt_head_vector(base, layer, head, representation))
-            q = softmax(opt_head_vector(task, layer, head, representation))
+            p = softmax(biogpt_head_vector(base, layer, head, representation))
+            q = softmax(biogpt_head_vector(task, layer, head, representation))
             assert got.scores[layer, head].item() == pytest.approx(ref_distance(p, q, "pad"), rel=1e-6)
     # checkpoint folders: same layout, same scores
     base.save_pretrained(tmp_path / "base")
     task.save_pretrained(tmp_path / "task")
-    from_paths = score_heads(tmp_path / "base", tmp_path / "task", "pad", representation, layout=OPT_LAYOUT)
+    from_paths = score_heads(tmp_path / "base", tmp_path / "task", "pad", representation, layout=BIOGPT_LAYOUT)
     assert torch.equal(from_paths.scores, got.scores) and from_paths.layout == got.layout
-    with pytest.raises(LayoutError):
+    assert torch.equal(inferred.scores, got.scores)
+    with pytest.raises(LayoutError, match="model_type='biogpt'.*infer_layout.*layout="):  # no model to infer from
         score_heads(tmp_path / "base", tmp_path / "task", layout=None)
 
 
 def test_custom_layout_with_a_probe_fine_tune():
-    base = make_opt(0)
+    base = make_biogpt(0)
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": ids, "labels": ids} for ids in (torch.randint(2, 128, (2, 12), generator=g)
                                                              for _ in range(2))]
-    with pytest.raises(LayoutError):
-        probe_task_model(base, batches, steps=2)
-    probe = probe_task_model(base, batches, steps=2, lr=1e-2, layout=OPT_LAYOUT)
-    assert sorted(probe.tensors) == sorted(f"model.decoder.layers.{i}.self_attn.{p}_proj.weight"
+    base.train()  # the probe trains with dropout: same seed, same steps
+    with pytest.warns(UserWarning, match="inferred"):
+        torch.manual_seed(0)
+        inferred = probe_task_model(base, batches, steps=2, lr=1e-2)
+    assert base.training  # the layout check ran in eval mode and put the mode back
+    torch.manual_seed(0)
+    probe = probe_task_model(base, batches, steps=2, lr=1e-2, layout=BIOGPT_LAYOUT)
+    assert sorted(probe.tensors) == sorted(f"biogpt.layers.{i}.self_attn.{p}_proj.weight"
                                            for i in range(2) for p in "qkv")
-    with pytest.raises(LayoutError):
-        score_heads(base, probe)
-    got = score_heads(base, probe, layout=OPT_LAYOUT)
-    assert (got.scores > 0).all() and got.layout == HeadLayout.from_dict(OPT_LAYOUT).to_dict()
+    assert all(torch.equal(inferred.tensors[k], v) for k, v in probe.tensors.items())
+    got = score_heads(base, probe, layout=BIOGPT_LAYOUT)
+    assert (got.scores > 0).all() and got.layout == HeadLayout.from_dict(BIOGPT_LAYOUT).to_dict()
+    with pytest.warns(UserWarning, match="inferred"):  # from the in-memory base, used for the probe weights too
+        assert torch.equal(score_heads(base, probe).scores, got.scores)
     with pytest.raises(LayoutError, match="head_dim=32"):  # probe weights hold q/k/v only: checked all the same
-        score_heads(base, probe, layout={**OPT_LAYOUT, "head_dim": 32})
+        score_heads(base, probe, layout={**BIOGPT_LAYOUT, "head_dim": 32})
     with pytest.raises(LayoutError, match="head_dim=32"):
-        probe_task_model(base, batches, steps=1, layout={**OPT_LAYOUT, "head_dim": 32})
+        probe_task_model(base, batches, steps=1, layout={**BIOGPT_LAYOUT, "head_dim": 32})
 
 
 def test_wrong_custom_layout_raises(tmp_path):
-    base, task = make_opt(0), make_opt(1)
+    base, task = make_biogpt(0), make_biogpt(1)
     base.save_pretrained(tmp_path / "base")
     for layout, match in wrong_layouts():
         with pytest.raises(LayoutError, match=match):

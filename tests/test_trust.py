@@ -147,23 +147,29 @@ FALCON = dict(model_type="falcon", num_layers=2, num_heads=4, num_kv_heads=1, he
               fused="blocks")
 
 
-def gemma():
+def glm():
+    """A tiny GLM: separate q/k/v/o, GQA and a config head_dim, and no built-in layout in peft_alps."""
     torch.manual_seed(0)
-    return tf.GemmaForCausalLM(tf.GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, head_dim=16,
-                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    return tf.GlmForCausalLM(tf.GlmConfig(vocab_size=128, hidden_size=64, intermediate_size=96, head_dim=16,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          pad_token_id=0, bos_token_id=1, eos_token_id=1))
 
 
-GEMMA = dict(model_type="gemma", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64,
-             layers="layers", modules={p: f"self_attn.{p}_proj" for p in "qkvo"})
+GLM = dict(model_type="glm", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64,
+           layers="layers", modules={p: f"self_attn.{p}_proj" for p in "qkvo"})
+
+
+def test_the_custom_layout_examples_are_not_built_in():
+    assert {"glm", "bart"}.isdisjoint(peft_alps.ARCHITECTURES)
 
 
 @pytest.mark.parametrize("make, layout, change, match", [
     (falcon, FALCON, dict(fused=None), "fused is None"),
-    (gemma, GEMMA, dict(num_kv_heads=1), "num_kv_heads"),
-    (gemma, GEMMA, dict(num_heads=8, head_dim=8), "num_heads"),
-    (gemma, GEMMA, dict(num_layers=1), "num_layers=2"),
-    (gemma, GEMMA, dict(num_layers=3), r"Could not find"),
-    (gemma, GEMMA, dict(hidden_size=32), "hidden_size"),
+    (glm, GLM, dict(num_kv_heads=1), "num_kv_heads"),
+    (glm, GLM, dict(num_heads=8, head_dim=8), "num_heads"),
+    (glm, GLM, dict(num_layers=1), "num_layers=2"),
+    (glm, GLM, dict(num_layers=3), r"Could not find"),
+    (glm, GLM, dict(hidden_size=32), "hidden_size"),
 ])
 def test_wrong_layouts_are_refused_before_wrapping(make, layout, change, match):
     model = make()
@@ -175,7 +181,7 @@ def test_wrong_layouts_are_refused_before_wrapping(make, layout, change, match):
 
 @pytest.mark.parametrize("make, layout, want", [
     (falcon, FALCON, {"query_key_value": list(range(48, 80))}),  # q rows of head 3, then the one shared k head
-    (gemma, GEMMA, {"q_proj": list(range(48, 64)), "k_proj": list(range(16, 32))}),  # head 3 reads kv group 1
+    (glm, GLM, {"q_proj": list(range(48, 64)), "k_proj": list(range(16, 32))}),  # head 3 reads kv group 1
 ])
 def test_right_layouts_train_the_right_rows(make, layout, want):
     pm = get_peft_model(make(), HeadMaskConfig(heads={0: [3]}, layout=layout, parts=["q", "k"]))
@@ -235,30 +241,34 @@ def test_a_corrupt_adapter_file_is_one_clear_error_and_the_model_stays_unwrapped
     assert untouched(base, snapshot)
 
 
-# ----- item 10: several layer stacks (T5) -----
-def t5():
+# ----- item 10: several layer stacks (an encoder-decoder without a built-in layout: BART; T5's stacks are built
+# in and run through the shared contract in test_delta_kinds.py) -----
+def bart():
     torch.manual_seed(0)
-    return tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2,
-                                                     num_heads=4, decoder_start_token_id=0)).eval()
+    return tf.BartForConditionalGeneration(tf.BartConfig(
+        vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=1, decoder_start_token_id=1, forced_eos_token_id=None)).eval()
 
 
-T5 = dict(model_type="t5", num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, hidden_size=64, layers="block",
-          modules={p: f"layer.0.SelfAttention.{p}" for p in "qkvo"})
+BART = dict(model_type="bart", num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, hidden_size=64,
+            layers="layers", modules={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                                      "o": "self_attn.out_proj"})
 
 
 def test_an_ambiguous_layer_stack_is_refused_with_the_fix():
-    model = t5()
+    model = bart()
     snapshot = copy.deepcopy(model.state_dict())
-    with pytest.raises(LayoutError, match=r"several layer stacks.*'decoder.block', 'encoder.block'"):
-        get_peft_model(model, HeadMaskConfig(heads={0: [1]}, layout=T5))
+    with pytest.raises(LayoutError, match=r"several layer stacks.*'model.decoder.layers', 'model.encoder.layers'"):
+        get_peft_model(model, HeadMaskConfig(heads={0: [1]}, layout=BART))
     assert untouched(model, snapshot)
 
 
-@pytest.mark.parametrize("stack", ["encoder.block", "decoder.block"])
+@pytest.mark.parametrize("stack", ["encoder.layers", "decoder.layers"])
 def test_one_stack_of_an_encoder_decoder_trains_merges_and_streams(stack, tmp_path):
-    base = t5()
+    base = bart()
     base.save_pretrained(tmp_path / "base")
-    pm = get_peft_model(copy.deepcopy(base), HeadMaskConfig(heads={1: [1, 2]}, layout={**T5, "layers": stack},
+    pm = get_peft_model(copy.deepcopy(base), HeadMaskConfig(heads={1: [1, 2]}, layout={**BART, "layers": stack},
                                                             parts=["q", "v", "o"], init_weights=False))
     assert all(stack in n for n, m in pm.named_modules() if isinstance(m, HeadMaskLayer))
     pm.save_pretrained(tmp_path / "adapter")
@@ -266,20 +276,20 @@ def test_one_stack_of_an_encoder_decoder_trains_merges_and_streams(stack, tmp_pa
     with torch.no_grad():
         want = pm(**inputs).logits
         merged = merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
-        got = tf.T5ForConditionalGeneration.from_pretrained(merged)(**inputs).logits
+        got = tf.BartForConditionalGeneration.from_pretrained(merged)(**inputs).logits
     assert not torch.allclose(want, base(**inputs).logits)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 # ----- item 14: smaller -----
 def test_a_layout_object_is_accepted_and_bad_layout_keys_are_named():
-    model = gemma()
-    pm = get_peft_model(model, HeadMaskConfig(heads={0: [3]}, layout=HeadLayout.from_dict(GEMMA)))
-    assert pm.peft_config["default"].layout == HeadLayout.from_dict(GEMMA).to_dict()
+    model = glm()
+    pm = get_peft_model(model, HeadMaskConfig(heads={0: [3]}, layout=HeadLayout.from_dict(GLM)))
+    assert pm.peft_config["default"].layout == HeadLayout.from_dict(GLM).to_dict()
     with pytest.raises(LayoutError, match=r"unknown key\(s\) \['head_size'\].*'model_type'"):
-        HeadMaskConfig(heads={0: [0]}, layout={**GEMMA, "head_size": 16})
+        HeadMaskConfig(heads={0: [0]}, layout={**GLM, "head_size": 16})
     with pytest.raises(LayoutError, match=r"no \['model_type'\]"):
-        HeadMaskConfig(heads={0: [0]}, layout={k: v for k, v in GEMMA.items() if k != "model_type"})
+        HeadMaskConfig(heads={0: [0]}, layout={k: v for k, v in GLM.items() if k != "model_type"})
 
 
 def test_cli_merge_and_export_refuse_a_flipped_bit_unless_forced(saved, tmp_path):

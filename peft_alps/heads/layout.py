@@ -15,9 +15,11 @@ Conventions used throughout peft_alps:
 * o is an *input* slice (columns of the output projection): head ``h``'s context
   vector enters ``o`` at input channels ``h * head_dim ... (h + 1) * head_dim - 1``.
 * Fused projections put several parts in one module: ``"blocks"`` is
-  ``[Q | K | V]`` along the output (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``),
-  ``"interleaved"`` is ``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]`` per head
-  (GPT-NeoX ``query_key_value``).
+  ``[Q | K | V]`` along the output (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, old
+  multi-query Falcon), ``"interleaved"`` is one group after the other, each group
+  its query heads then its key and value head: ``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]``
+  without GQA (GPT-NeoX ``query_key_value``), ``[q_0 q_1 k_0 v_0 | q_2 q_3 k_1 v_1 | ...]``
+  with two query heads per group (Falcon's new decoder architecture).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import numbers
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 PARTS = ("q", "k", "v", "o")
 AXES = ("out", "in")  # nn.Linear-frame axis of a head's channels: weight rows (q/k/v) or columns (o)
@@ -65,6 +68,17 @@ def check_parts(parts) -> list[str]:
     return [p for p in PARTS if p in parts]
 
 
+def config_numbers(config) -> dict:
+    """The attention numbers most transformers configs state under the standard names (``attribute_map`` makes
+    GPT-2's ``n_head``, T5's ``d_model`` and the like answer to them); ``head_dim`` where the config states it
+    (Gemma, Qwen3), else ``hidden_size // num_heads``."""
+    heads = config.num_attention_heads
+    return {"num_layers": config.num_hidden_layers, "num_heads": heads,
+            "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+            "hidden_size": config.hidden_size}
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """Where an architecture keeps its attention projections.
@@ -73,44 +87,143 @@ class ArchSpec:
     -> ``"layers"``). ``modules``: part -> module path inside one block.
     ``fused``: ``None``, ``"blocks"`` or ``"interleaved"`` (see module docstring).
     ``transposed``: weights are stored ``[in, out]`` (GPT-2 ``Conv1D``), not ``[out, in]``.
+    ``numbers``: config -> the layout fields that differ from :func:`config_numbers` (and ``fused`` where the
+    config chooses it, as Falcon's and GPT-BigCode's flags do). ``coupled``: the parts whose math mixes the
+    heads, e.g. OLMo 2 normalises q and k over all heads together (:func:`peft_alps.heads.check.check_layout`
+    finds it; the README says what it means for head training). ``note``: one line for the README table.
     """
 
     layers: str
     modules: dict[str, str]
     fused: str | None = None
     transposed: bool = False
+    numbers: Callable[[object], dict] | None = None
+    coupled: tuple[str, ...] = ()
+    note: str = ""
 
 
-_LLAMA = ArchSpec("layers", {p: f"self_attn.{p}_proj" for p in PARTS})
-_BERT = ArchSpec(
-    "layer",
-    {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value", "o": "attention.output.dense"},
-)
+def _separate(q: str, k: str, v: str, o: str, layers: str = "layers", **kw) -> ArchSpec:
+    return ArchSpec(layers, {"q": q, "k": k, "v": v, "o": o}, **kw)
 
-#: model_type -> ArchSpec. Extend by passing ``HeadMaskConfig(layout=...)`` instead of editing this table.
-ARCHITECTURES: dict[str, ArchSpec] = {
-    # separate q/k/v/o projections named like Llama's (head_dim from the config where it is stated: Qwen3, Gemma 2/3)
-    **{t: _LLAMA for t in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma2",
-                           "gemma3_text", "stablelm", "olmo", "olmo2")},
-    "phi": ArchSpec("layers", {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                               "o": "self_attn.dense"}),
-    "gptj": ArchSpec("h", {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.out_proj"}),
-    "distilbert": ArchSpec("layer", {"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin",
-                                     "o": "attention.out_lin"}),
-    "gpt2": ArchSpec("h", {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj"}, "blocks",
-                    transposed=True),
-    "gpt_neox": ArchSpec(
-        "layers",
-        {"q": "attention.query_key_value", "k": "attention.query_key_value", "v": "attention.query_key_value",
-         "o": "attention.dense"},
-        "interleaved",
-    ),
-    "phi3": ArchSpec("layers", {"q": "self_attn.qkv_proj", "k": "self_attn.qkv_proj", "v": "self_attn.qkv_proj",
-                                "o": "self_attn.o_proj"}, "blocks"),
+
+def _fused(qkv: str, o: str, fused: str, layers: str = "layers", **kw) -> ArchSpec:
+    return ArchSpec(layers, {"q": qkv, "k": qkv, "v": qkv, "o": o}, fused, **kw)
+
+
+_LLAMA = _separate(*(f"self_attn.{p}_proj" for p in PARTS), note="GQA; `head_dim` from the config where stated")
+_BERT = _separate("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                  layers="layer")
+
+
+def _falcon(config) -> dict:
+    """Falcon's three attention layouts: the new decoder architecture groups each kv head with its query heads
+    (``view(..., num_kv_heads, heads_per_group + 2, head_dim)``); the old multi-query one is ``[Q | K | V]``
+    with one kv head; the old multi-head one ``[q_h k_h v_h]`` per head."""
+    if config.new_decoder_architecture:
+        return {"num_kv_heads": config.num_kv_heads, "fused": "interleaved"}
+    if config.multi_query:
+        return {"num_kv_heads": 1, "fused": "blocks"}
+    return {"num_kv_heads": config.num_attention_heads, "fused": "interleaved"}
+
+
+def _gpt_bigcode(config) -> dict:
+    """GPT-BigCode: multi-query ``[Q | K | V]`` with one kv head, else ``[q_h k_h v_h]`` per head."""
+    if config.multi_query:
+        return {"num_kv_heads": 1, "fused": "blocks"}
+    return {"num_kv_heads": config.num_attention_heads, "fused": "interleaved"}
+
+
+def _t5_stacks() -> dict[str, ArchSpec]:
+    """T5's three attention stacks, each trained (and scored) as its own layout: head size ``d_kv``, the decoder's
+    depth ``num_decoder_layers``."""
+    def attention(stack, path, layers_key):
+        return _separate(*(f"{path}.{p}" for p in PARTS), layers=f"{stack}.block",
+                         numbers=lambda c: {"head_dim": c.d_kv, "num_layers": getattr(c, layers_key)},
+                         note=f"head size `d_kv`, `{layers_key}` blocks")
+    return {"encoder": attention("encoder", "layer.0.SelfAttention", "num_layers"),
+            "decoder": attention("decoder", "layer.0.SelfAttention", "num_decoder_layers"),
+            "cross": attention("decoder", "layer.1.EncDecAttention", "num_decoder_layers")}
+
+
+#: model_type -> ArchSpec, or {stack name: ArchSpec} for a model with several attention stacks (T5: encoder
+#: self-attention, decoder self-attention, cross-attention; choose one with ``HeadLayout.from_model_config(config,
+#: stack=...)``). Extend by passing ``HeadMaskConfig(layout=...)`` instead of editing this table.
+ARCHITECTURES: dict[str, ArchSpec | dict[str, ArchSpec]] = {
+    # separate q/k/v/o projections named like Llama's (head_dim from the config where it is stated: Gemma, Qwen3)
+    **{t: _LLAMA for t in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                           "gemma2", "gemma3_text", "stablelm", "olmo")},
+    "olmo2": _separate(*(f"self_attn.{p}_proj" for p in PARTS), coupled=("q", "k"), note="GQA"),
+    "phi": _separate("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
+    "opt": _separate("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
+    "gptj": _separate("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", layers="h"),
+    "distilbert": _separate("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin",
+                            layers="layer"),
+    "gpt2": _fused("attn.c_attn", "attn.c_proj", "blocks", layers="h", transposed=True),
+    "gpt_bigcode": _fused("attn.c_attn", "attn.c_proj", "blocks", layers="h", numbers=_gpt_bigcode,
+                          note="`multi_query`: one kv head; else `[q_h k_h v_h]` per head"),
+    "gpt_neox": _fused("attention.query_key_value", "attention.dense", "interleaved"),
+    "falcon": _fused("self_attention.query_key_value", "self_attention.dense", "interleaved", layers="h",
+                     numbers=_falcon, note="`new_decoder_architecture`: kv groups; else `multi_query`: `[Q | K | V]` "
+                                           "with one kv head; else `[q_h k_h v_h]` per head"),
+    "phi3": _fused("self_attn.qkv_proj", "self_attn.o_proj", "blocks", note="GQA"),
+    "modernbert": _fused("attn.Wqkv", "attn.Wo", "blocks"),
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
+    "deberta-v2": _separate("attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj",
+                            "attention.output.dense", layers="layer"),
+    "t5": _t5_stacks(),
+    "mt5": _t5_stacks(),
 }
+
+
+def arch_spec(model_type, stack: str | None = None) -> ArchSpec | None:
+    """The :class:`ArchSpec` of ``model_type`` (and ``stack``, for a model with several attention stacks); None
+    for an architecture not in :data:`ARCHITECTURES`. LayoutError when the stack is missing or unknown."""
+    entry = ARCHITECTURES.get(model_type)
+    if isinstance(entry, dict):
+        if stack not in entry:
+            how = ", ".join(f"{name!r} ({spec.layers}.N.{spec.modules['q'].rpartition('.')[0]})"
+                            for name, spec in entry.items())
+            raise LayoutError(f"model_type={model_type!r} has several attention stacks: {how}. "
+                              f"{'Choose one' if stack is None else f'There is no stack {stack!r}; choose one'}: "
+                              f"pass layout=peft_alps.HeadLayout.from_model_config(model.config, stack="
+                              f"{next(iter(entry))!r}) (HeadMaskConfig, score_heads, ...).")
+        return entry[stack]
+    if stack is not None and entry is not None:
+        raise LayoutError(f"model_type={model_type!r} has one attention stack; leave stack unset (got {stack!r}).")
+    return entry
+
+
+def architecture_table() -> str:
+    """The Markdown table of :data:`ARCHITECTURES` that README.md shows (a test keeps the two equal): one row per
+    distinct entry (per stack for a model with several), its model types, module paths, fused order and notes."""
+    rows: dict[tuple, list[str]] = {}
+    for model_type, entry in ARCHITECTURES.items():
+        for stack, spec in (entry.items() if isinstance(entry, dict) else [(None, entry)]):
+            key = (stack, spec.layers, tuple(spec.modules.items()), spec.fused, spec.transposed,
+                   getattr(spec.numbers, "__qualname__", None), spec.coupled)
+            rows.setdefault(key, []).append(model_type)
+    lines = ["| model_type | blocks | q / k / v | o | fused q/k/v | notes |", "|---|---|---|---|---|---|"]
+    for (stack, layers, modules, fused, transposed, _, coupled), types in rows.items():
+        spec = arch_spec(types[0], stack)
+        qkv = dict(modules)
+        if fused:
+            where = f"`{qkv['q']}`" + (" (Conv1D)" if transposed else "")
+        else:
+            prefix = qkv["q"].rpartition(".")[0]
+            leaves = [qkv[p].rpartition(".")[2] for p in "qkv"]
+            same = all(qkv[p].rpartition(".")[0] == prefix for p in "qkv")
+            where = (f"`{prefix + '.' if prefix else ''}{{{','.join(leaves)}}}`" if same
+                     else " / ".join(f"`{qkv[p]}`" for p in "qkv"))
+        order = {None: "none", "blocks": r"`[Q \| K \| V]`", "interleaved": "per kv group `[q.. k v]`"}[fused]
+        notes = [spec.note] if spec.note else []
+        if coupled:
+            notes.append(f"{' and '.join(coupled)} couple the heads (norm over all heads)")
+        name = ", ".join(types) + (f" (stack `{stack}`)" if stack else "")
+        lines.append(f"| {name} | `{layers}` | {where} | `{qkv['o']}` | {order} | "
+                     f"{'; '.join(notes).replace('|', chr(92) + '|')} |")
+    return "\n".join(lines) + "\n"
 
 
 class LayoutError(ValueError):
@@ -155,8 +268,6 @@ class HeadLayout:
             raise LayoutError(f"layout.fused must be None, 'blocks' or 'interleaved', got {self.fused!r}.")
         if self.num_heads % self.num_kv_heads:
             raise LayoutError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}.")
-        if self.fused == "interleaved" and self.num_kv_heads != self.num_heads:
-            raise LayoutError("An interleaved fused qkv layout requires num_kv_heads == num_heads.")
         qkv = {self.modules[p] for p in "qkv"}
         if self.fused is None and len(qkv) < 3:
             raise LayoutError(f"layout.modules puts q, k and v in {sorted(qkv)} but fused is None: set fused to "
@@ -170,31 +281,23 @@ class HeadLayout:
 
     # ----- construction -----
     @classmethod
-    def from_model_config(cls, config) -> "HeadLayout":
-        """Build the layout of a transformers ``PretrainedConfig``; raise LayoutError if unsupported."""
+    def from_model_config(cls, config, stack: str | None = None) -> "HeadLayout":
+        """The layout of a transformers ``PretrainedConfig`` of a built-in architecture (``stack``: which
+        attention stack, for a model with several, e.g. T5's ``"encoder"``, ``"decoder"`` or ``"cross"``);
+        LayoutError for any other architecture."""
         model_type = getattr(config, "model_type", None)
-        spec = ARCHITECTURES.get(model_type)
+        spec = arch_spec(model_type, stack)
         if spec is None:
             raise LayoutError(
-                f"peft_alps does not know the attention layout of model_type={model_type!r}. Supported: "
-                f"{sorted(ARCHITECTURES)}. For another architecture pass HeadMaskConfig(layout={{...}}) with the keys "
-                f"of peft_alps.HeadLayout (num_layers, num_heads, num_kv_heads, head_dim, hidden_size, layers, "
+                f"peft_alps does not know the attention layout of model_type={model_type!r}. Built in: "
+                f"{sorted(ARCHITECTURES)}. For another architecture peft_alps.infer_layout(model) proposes one "
+                f"from the model's modules and config, or pass HeadMaskConfig(layout={{...}}) with the keys of "
+                f"peft_alps.HeadLayout (num_layers, num_heads, num_kv_heads, head_dim, hidden_size, layers, "
                 f"modules={{'q': ..., 'k': ..., 'v': ..., 'o': ...}}, fused)."
             )
-        num_heads = config.num_attention_heads
-        hidden = config.hidden_size
-        return cls(
-            model_type=model_type,
-            num_layers=config.num_hidden_layers,
-            num_heads=num_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-            head_dim=getattr(config, "head_dim", None) or hidden // num_heads,
-            hidden_size=hidden,
-            layers=spec.layers,
-            modules=dict(spec.modules),
-            fused=spec.fused,
-            transposed=spec.transposed,
-        )
+        fields = {**config_numbers(config), "fused": spec.fused, **(spec.numbers(config) if spec.numbers else {})}
+        return cls(model_type=model_type, layers=spec.layers, modules=dict(spec.modules),
+                   transposed=spec.transposed, **fields)
 
     @classmethod
     def from_dict(cls, data) -> "HeadLayout":
@@ -249,8 +352,9 @@ class HeadLayout:
         d = self.head_dim
         if part == "o":
             return range(head * d, (head + 1) * d)
-        if self.fused == "interleaved":  # [q_h k_h v_h] per head, no GQA
-            start = head * 3 * d + "qkv".index(part) * d
+        if self.fused == "interleaved":  # per kv group g: its r query heads, then k_g, then v_g
+            r, group = self.num_heads // self.num_kv_heads, self.kv_group(head)
+            start = (group * (r + 2) + {"q": head % r, "k": r, "v": r + 1}[part]) * d
             return range(start, start + d)
         unit = head if part == "q" else self.kv_group(head)
         start = unit * d
@@ -318,8 +422,6 @@ class HeadLayout:
         d = self.head_dim
         if module == self.modules["o"]:
             return self.hidden_size, self.num_heads * d
-        if self.fused == "interleaved":
-            return 3 * self.num_heads * d, self.hidden_size
         per_part = {"q": self.num_heads, "k": self.num_kv_heads, "v": self.num_kv_heads}
         return sum(per_part[p] for p in "qkv" if self.modules[p] == module) * d, self.hidden_size
 
@@ -411,33 +513,48 @@ _LAYOUT_DEFAULTS = {"fused": None, "transposed": False}
 _INT_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")
 
 
-def resolve_layout(recorded, model_config, fix: str = "") -> HeadLayout:
+def resolve_layout(recorded, model_config, fix: str = "", infer=None) -> HeadLayout:
     """The one layout resolution used by the live model, the scorers and the file merge.
 
     ``recorded``: a layout passed by the user or saved with an adapter (HeadLayout, dict or None);
     ``model_config``: the model's transformers config. For an architecture in :data:`ARCHITECTURES` a recorded
-    layout must equal the derived one in every field but ``model_type``; for any other architecture the recorded
-    layout is required (``fix`` is added to that error: how the caller takes a layout). The result still has to
-    pass :meth:`HeadLayout.check_model` against the real modules.
+    layout must equal the derived one (of one of its stacks) in every field but ``model_type``; for any other
+    architecture the recorded layout is used, or with none ``infer()`` (a proven inferred layout, where the
+    caller has a live model), or else a LayoutError (``fix`` is added to it: how the caller takes a layout).
+    The result still has to pass :meth:`HeadLayout.check_model` against the real modules.
     """
     recorded = None if recorded is None else HeadLayout.coerce(recorded)
-    try:
-        derived = HeadLayout.from_model_config(model_config)
-    except LayoutError as e:
-        if recorded is None:
+    model_type = getattr(model_config, "model_type", None)
+    entry = ARCHITECTURES.get(model_type)
+    if entry is None:
+        if recorded is not None:
+            return recorded
+        if infer is not None:
+            return infer()
+        try:
+            HeadLayout.from_model_config(model_config)
+        except LayoutError as e:
             raise LayoutError(f"{e}{f' {fix}' if fix else ''}") from None
-        return recorded
     if recorded is None:
-        return derived
-    mine, theirs = recorded.to_dict(), derived.to_dict()
+        return HeadLayout.from_model_config(model_config)  # LayoutError naming the stacks, for several
+    candidates = [HeadLayout.from_model_config(model_config, stack) for stack in
+                  (entry if isinstance(entry, dict) else [None])]
+    mine = recorded.to_dict()
+    for derived in candidates:
+        theirs = derived.to_dict()
+        differ = [k for k in mine if k != "model_type" and mine[k] != theirs[k]]
+        if not differ:
+            return recorded
+    derived = next((c for c in candidates if (c.layers, c.modules) == (recorded.layers, recorded.modules)),
+                   candidates[0])
+    theirs = derived.to_dict()
     differ = [k for k in mine if k != "model_type" and mine[k] != theirs[k]]
-    if differ:
-        raise LayoutError(f"The layout (recorded with the adapter, or passed in) does not match this "
-                          f"{derived.model_type} model: it was made for {recorded.model_type} attention shaped "
-                          f"{ {k: mine[k] for k in differ} } but this model has { {k: theirs[k] for k in differ} }: "
-                          f"load the adapter onto the base model it was trained on; for a built-in architecture leave "
-                          f"layout unset.")
-    return recorded
+    pick = " (or pick a stack with HeadLayout.from_model_config)"
+    raise LayoutError(f"The layout (recorded with the adapter, or passed in) does not match this "
+                      f"{derived.model_type} model: it was made for {recorded.model_type} attention shaped "
+                      f"{ {k: mine[k] for k in differ} } but this model has { {k: theirs[k] for k in differ} }: "
+                      f"load the adapter onto the base model it was trained on; for a built-in architecture leave "
+                      f"layout unset{pick if len(candidates) > 1 else ''}.")
 
 
 # ----- head selections -----

@@ -104,13 +104,13 @@ def gradient_head_scores(model, batches, kind: str = "grad", parts=("q", "k", "v
     weight's gradient raises). ``batches``: non-empty iterable of batches, each a dict for ``model(**batch)``
     (see :func:`peft_alps.data.text_batches`); ``loss_fn(model, batch) -> scalar`` replaces
     ``model(**batch).loss``. ``kind``: one of :data:`KINDS` (module docstring). ``parts``: non-empty subset of
-    ``("q", "k", "v", "o")``. ``layout``: ``None`` derives it from the model's config (LayoutError for an
-    architecture without a built-in layout); else a :class:`~peft_alps.heads.layout.HeadLayout` or its dict form,
-    which must agree with the config's layout on ``shape_key()`` if there is one, and is checked against the
-    q/k/v/o weight shapes before anything runs (LayoutError naming the module and the field), as in
-    :func:`~peft_alps.scoring.weight_scores.score_heads`. Returns :class:`~peft_alps.scoring.scores.HeadScores` with
-    ``representation="gradient"``, ``metric=kind``, ``tau=None`` and the layout used, ready for
-    :func:`peft_alps.select_heads`.
+    ``("q", "k", "v", "o")``. ``layout``: ``None`` derives it from the model's config (for an architecture
+    without a built-in layout: inferred from the model, :func:`~peft_alps.heads.infer.infer_layout`); else a
+    :class:`~peft_alps.heads.layout.HeadLayout` or its dict form, which must agree with the config's layout on
+    ``shape_key()`` if there is one, and is checked against the q/k/v/o weight shapes before anything runs
+    (LayoutError naming the module and the field), as in :func:`~peft_alps.scoring.weight_scores.score_heads`.
+    Returns :class:`~peft_alps.scoring.scores.HeadScores` with ``representation="gradient"``, ``metric=kind``,
+    ``tau=None`` and the layout used, ready for :func:`peft_alps.select_heads`.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
@@ -122,7 +122,7 @@ def gradient_head_scores(model, batches, kind: str = "grad", parts=("q", "k", "v
         raise ValueError("batches is empty: pass a list of batches (peft_alps.data.text_batches makes them).")
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(inner, "config", None)
-    layout = scoring_layout(config, layout, "gradient_head_scores")
+    layout = scoring_layout(config, layout, "gradient_head_scores", model=inner)
     check_source(layout, ModuleSource(inner), config, parts, type(inner).__name__)
 
     h = layout.num_heads

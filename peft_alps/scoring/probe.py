@@ -33,12 +33,12 @@ def probe_task_model(model, data, steps: int = 50, lr: float = 1e-4, attention_o
     """Fine-tune ``model`` for ``steps`` AdamW steps on ``data``; return its trained q/k/v weights and put
     the model back as it was (weights, ``requires_grad`` flags, train/eval mode), also on error.
 
-    ``model``: a transformers model of an architecture :class:`~peft_alps.heads.layout.HeadLayout` supports, or
-    of any architecture with ``layout`` given. ``data``: a non-empty list of batches (dicts for
+    ``model``: a transformers model. ``data``: a non-empty list of batches (dicts for
     ``model(**batch)``; see :func:`peft_alps.data.text_batches`), cycled in order.
     ``loss_fn(model, batch) -> scalar`` replaces ``model(**batch).loss``. ``attention_only=True`` trains the
     q/k/v/o projections only (the paper's cheap probe); ``False`` trains every parameter.
-    ``layout``: as in :func:`~peft_alps.scoring.weight_scores.score_heads` (``None``: from ``model.config``; else a
+    ``layout``: as in :func:`~peft_alps.scoring.weight_scores.score_heads` (``None``: from ``model.config``, or
+    inferred from the model for an architecture without a built-in layout; else a
     HeadLayout or its dict, checked against the config's layout if there is one and against the module
     shapes). It names the q/k/v/o weights; pass the same ``layout`` to ``score_heads`` with the result
     (``ProbeWeights`` does not record it).
@@ -52,7 +52,7 @@ def probe_task_model(model, data, steps: int = 50, lr: float = 1e-4, attention_o
     if not data:
         raise ValueError("data is empty: pass a list of batches (peft_alps.data.text_batches makes them).")
     config = getattr(model, "config", None)
-    layout = scoring_layout(config, layout, "probe_task_model")
+    layout = scoring_layout(config, layout, "probe_task_model", model=model)
     check_source(layout, ModuleSource(model), config, PARTS, type(model).__name__)
     scored = _attention_parameters(model, layout, "qkv")
     trained = _attention_parameters(model, layout, "qkvo") if attention_only else dict(model.named_parameters())

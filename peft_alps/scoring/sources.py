@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..heads.infer import infer_layout
 from ..heads.layout import find_name, linear_frame, resolve_layout
 from ..io.files import atomic_write
 from ..io.safetensors import read_header
@@ -138,11 +139,14 @@ def open_model(model):
     return getattr(inner, "config", None), lambda: ModuleSource(inner), type(model).__name__
 
 
-def scoring_layout(config, layout, caller: str):
+def scoring_layout(config, layout, caller: str, model=None, infer=None):
     """The layout to score a model of ``config`` with: :func:`~peft_alps.heads.layout.resolve_layout` of ``layout``
-    (None: derived from ``config``)."""
+    (None: derived from ``config``; for an unknown architecture ``infer()``, or inferred from ``model`` if it is
+    an in-memory model)."""
+    if infer is None and isinstance(model, torch.nn.Module):
+        infer = lambda: infer_layout(model, warn=True)  # noqa: E731
     return resolve_layout(layout, config, f"Here: pass {caller}(..., layout={{...}}) with those keys (or a "
-                                          f"HeadLayout).")
+                                          f"HeadLayout).", infer=infer)
 
 
 def check_source(layout, source, config, parts, where: str) -> dict:

@@ -140,7 +140,8 @@ def score_heads(base, task, metric: str = "pad", representation: str = "product"
     distribution has an exact 0 where the base's has not, which happens at small ``tau``).
 
     ``layout``: ``None`` derives the attention layout from the models' configs (the architectures in
-    :data:`peft_alps.heads.layout.ARCHITECTURES`; LayoutError for any other). For another architecture pass a
+    :data:`peft_alps.heads.layout.ARCHITECTURES`); for any other it is inferred from base or task if one is an
+    in-memory model (:func:`~peft_alps.heads.infer.infer_layout`, with a warning), else LayoutError. Or pass a
     :class:`~peft_alps.heads.layout.HeadLayout` or its dict form (``HeadLayout.to_dict()`` keys); it is used for
     both models. If a model's config has a built-in layout too, the two must agree on ``shape_key()``. A
     given layout is checked against both models' q/k/v/o weight shapes before scoring (LayoutError naming
@@ -156,7 +157,10 @@ def score_heads(base, task, metric: str = "pad", representation: str = "product"
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}.")
     (cfg_b, open_b, desc_b), (cfg_t, open_t, desc_t) = open_model(base), open_model(task)
-    layout, layout_t = scoring_layout(cfg_b, layout, "score_heads"), scoring_layout(cfg_t, layout, "score_heads")
+    given = layout  # an unknown architecture without one: inferred from an in-memory model, used for both
+    live = next((m for m in (base, task) if isinstance(m, torch.nn.Module)), None)
+    layout = scoring_layout(cfg_b, given, "score_heads", model=live)
+    layout_t = scoring_layout(cfg_t, given, "score_heads", infer=lambda: layout)
     if (layout.model_type, layout.shape_key()) != (layout_t.model_type, layout_t.shape_key()):
         raise ValueError(f"base and task models differ in shape: base {layout.model_type} {layout.shape_key()} "
                          f"vs task {layout_t.model_type} {layout_t.shape_key()}.")

@@ -50,8 +50,10 @@ class HeadMaskConfig(PeftConfig):
     layout: Optional[dict] = field(
         default=None,
         metadata={
-            "help": "Attention layout (see peft_alps.HeadLayout). Filled from the model config for supported "
-            "architectures and saved with the adapter; pass it yourself for an architecture peft_alps does not know."
+            "help": "Attention layout (see peft_alps.HeadLayout). Filled from the model config for built-in "
+            "architectures (inferred and proven on the model for others: peft_alps.infer_layout) and saved with the "
+            "adapter. Pass it to choose a stack (T5: HeadLayout.from_model_config(config, stack='cross')) or to make "
+            "an inferred layout explicit."
         },
     )
     forward_strategy: str = field(

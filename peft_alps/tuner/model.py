@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
+from peft.tuners.tuners_utils import BaseTuner, _get_in_out_features
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..heads.delta import delta_kind
+from ..heads.infer import infer_layout
 from ..heads.layout import HeadLayout, linear_dim, linear_frame, resolve_layout
+from ..heads.modules import base_layer, projection_shapes
 from ..io.adapter import AdapterError, check_weights, expected_tensors
 from ..io.integrity import check_file, check_fingerprint, fingerprint, sketch
 from .config import HeadMaskConfig
@@ -21,25 +23,11 @@ def model_layout(config: HeadMaskConfig, model: nn.Module) -> tuple[HeadLayout, 
     """``(layout, {(layer, module path): full module name})`` of ``model``, checked against its real modules.
 
     The layout comes from :func:`~peft_alps.heads.layout.resolve_layout` (the one recorded in ``config``, if any,
-    must agree with the model's architecture) and must pass :meth:`HeadLayout.check_model`.
+    must agree with the model's architecture; none for an unknown architecture: inferred and proven on the model,
+    :func:`~peft_alps.heads.infer.infer_layout`) and must pass :meth:`HeadLayout.check_model`.
     """
-    layout = resolve_layout(config.layout, getattr(model, "config", None))
+    layout = resolve_layout(config.layout, getattr(model, "config", None), infer=lambda: infer_layout(model, warn=True))
     return layout, layout.check_model(projection_shapes(model), getattr(model, "config", None))
-
-
-def _base(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-
-
-def projection_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Full module name -> ``(out_features, in_features)`` of every nn.Linear / Conv1D (a wrapped one: its base)."""
-    shapes = {}
-    for name, module in model.named_modules():
-        base = _base(module)
-        if isinstance(base, (nn.Linear, Conv1D)):
-            in_features, out_features = _get_in_out_features(base)
-            shapes[name] = (out_features, in_features)
-    return shapes
 
 
 def module_targets(config: HeadMaskConfig, layout: HeadLayout, names: dict) -> dict[str, tuple[list[int], str]]:
@@ -76,7 +64,7 @@ def head_tensors(config: HeadMaskConfig, targets: dict, modules: dict) -> dict[s
     """Saved name -> shape of every head tensor an adapter with ``config`` and ``targets`` holds on this model."""
     projections = {}
     for name, (channels, axis) in targets.items():
-        base = _base(modules[name])
+        base = base_layer(modules[name])
         in_features, out_features = _get_in_out_features(base)
         projections[name] = (len(channels), axis, out_features, in_features, axis == "out" and base.bias is not None)
     return expected_tensors(delta_kind(config.delta_kind), projections)
@@ -97,7 +85,7 @@ def base_fingerprint(targets: dict, modules: dict) -> dict | None:
     ``<module>.bias``; None if a weight is not a real floating-point tensor (meta device, quantized)."""
     sketches, dtype = {}, None
     for name, (channels, axis) in targets.items():
-        base = _base(modules[name])
+        base = base_layer(modules[name])
         weight = base.weight
         if not weight.is_floating_point() or weight.device.type == "meta":
             return None

@@ -1,0 +1,29 @@
+"""The attention projections of a live model: which modules are ``nn.Linear`` / GPT-2 ``Conv1D`` layers, their
+``(out_features, in_features)`` in the ``nn.Linear`` frame, seen through any PEFT wrapper."""
+
+from __future__ import annotations
+
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    """The layer a PEFT tuner layer wraps (``module`` itself if it is not one)."""
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def projection_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Full module name -> ``(out_features, in_features)`` of every nn.Linear / Conv1D (a wrapped one: its base)."""
+    shapes = {}
+    for name, module in model.named_modules():
+        base = base_layer(module)
+        if isinstance(base, (nn.Linear, Conv1D)):
+            in_features, out_features = _get_in_out_features(base)
+            shapes[name] = (out_features, in_features)
+    return shapes
+
+
+def conv1d_names(model: nn.Module) -> set[str]:
+    """Names of the modules whose (base) layer is a GPT-2 ``Conv1D``: weights stored ``[in, out]``."""
+    return {name for name, module in model.named_modules() if isinstance(base_layer(module), Conv1D)}
