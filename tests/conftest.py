@@ -83,6 +83,9 @@ MORE_ARCHS = {
     **{f"t5_{stack}": (lambda: tf.T5Config(vocab_size=VOCAB, d_model=64, d_kv=8, d_ff=96, num_layers=3,
                                            num_decoder_layers=2, num_heads=4, decoder_start_token_id=0),
                        tf.T5ForConditionalGeneration, stack) for stack in ("encoder", "decoder", "cross")},
+    # mT5: T5's modules (gated-GELU feed-forward); one stack is enough to show the entry is wired
+    "mt5_cross": (lambda: tf.MT5Config(vocab_size=VOCAB, d_model=64, d_kv=8, d_ff=96, num_layers=2, num_heads=4,
+                                       decoder_start_token_id=0), tf.MT5ForConditionalGeneration, "cross"),
 }
 
 

@@ -48,7 +48,7 @@ def attention_numbers(arch, config) -> dict:
                          1 if config.multi_query else heads)
     elif config.model_type == "gpt_bigcode":
         numbers["kv"] = 1 if config.multi_query else heads
-    elif config.model_type == "t5":  # T5's own names: head size d_kv, the decoder's depth num_decoder_layers
+    elif config.model_type in ("t5", "mt5"):  # T5's own names: head size d_kv, the decoder's depth num_decoder_layers
         numbers = {"layers": config.num_layers if arch_stack(arch) == "encoder" else config.num_decoder_layers,
                    "heads": config.num_heads, "kv": config.num_heads, "head_dim": config.d_kv,
                    "hidden": config.d_model}
