@@ -16,6 +16,11 @@ training is bit-identical to a config without the field.
 
 Gradient clipping that a trainer does before ``optimizer.step()`` (the ``Trainer``'s
 ``max_grad_norm``) sees the unmasked gradient.
+
+Several processes: under DDP the hook sees the all-reduced gradient, the same on every rank, so every rank
+masks the same entries. Under FSDP2 (``fully_shard``) a gradient is a DTensor holding one shard: the smallest
+entries are chosen over the whole tensor (:func:`mask_small_gradients_` gathers it; a collective, so tensors
+are masked in the optimizer's parameter order, the same on every rank), never per shard.
 """
 
 from __future__ import annotations
@@ -33,9 +38,17 @@ _HOOK = None  # RemovableHandle of the global pre-hook, once installed
 @torch.no_grad()
 def mask_small_gradients_(grad: torch.Tensor, ratio: float) -> torch.Tensor:
     """Zero, in place, exactly ``floor(ratio * grad.numel())`` entries of ``grad``: those with the smallest
-    ``|g|`` (ties broken arbitrarily). Any shape and strides; returns ``grad``."""
+    ``|g|`` (ties broken arbitrarily). Any shape and strides; returns ``grad``. A sharded DTensor (FSDP2) is
+    gathered, masked whole, and each rank keeps its own shard of the result (every rank must call this)."""
     k = math.floor(ratio * grad.numel())
     if k == 0:
+        return grad
+    if _is_dtensor(grad):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = mask_small_gradients_(grad.full_tensor(), ratio)
+        mine = distribute_tensor(full, grad.device_mesh, grad.placements, src_data_rank=None)  # no communication
+        grad.to_local().copy_(mine.to_local())
         return grad
     idx = grad.abs().flatten().topk(k, largest=False, sorted=False).indices
     if grad.is_contiguous():
@@ -43,6 +56,10 @@ def mask_small_gradients_(grad: torch.Tensor, ratio: float) -> torch.Tensor:
     else:
         grad.copy_(grad.flatten().index_fill_(0, idx, 0).view_as(grad))
     return grad
+
+
+def _is_dtensor(tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "full_tensor")
 
 
 def track(layer) -> None:
@@ -67,11 +84,12 @@ def _masked_tensors():
 
 
 def _mask_before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Global optimizer step pre-hook: mask the gradients of this optimizer's tracked head-slice tensors."""
-    tensors = [(p, r) for p, r in _masked_tensors() if p.grad is not None]
-    if not tensors:
+    """Global optimizer step pre-hook: mask the gradients of this optimizer's tracked head-slice tensors, in the
+    optimizer's parameter order (the same on every rank: sharded gradients are gathered one by one)."""
+    ratios = {id(p): r for p, r in _masked_tensors()}
+    if not ratios:
         return
-    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for p, ratio in tensors:
-        if id(p) in in_optimizer:
-            mask_small_gradients_(p.grad, ratio)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in ratios and p.grad is not None:
+                mask_small_gradients_(p.grad, ratios[id(p)])

@@ -177,12 +177,26 @@ class HeadMaskModel(BaseTuner):
                         if name in params and not torch.isfinite(params[name]).all():
                             raise ValueError(f"NaN or inf in adapter {name!r} at {module_name}; nothing was merged.")
 
+    def _check_not_sharded(self) -> None:
+        """Merging writes slices into the base weights: refuse (before any write) when they are FSDP2 shards."""
+        sharded = next((name for name, module in self.model.named_modules() if isinstance(module, HeadMaskLayer)
+                        and type(module.get_base_layer().weight).__name__ == "DTensor"), None)
+        if sharded is not None:
+            raise RuntimeError(f"Cannot merge into a sharded model ({sharded} holds an FSDP2 shard of its weight). "
+                               f"Save the adapter (gathered: get_model_state_dict(model, options=StateDictOptions("
+                               f"full_state_dict=True)) passed to save_pretrained) and merge it into the full "
+                               f"checkpoint with peft_alps.merge_checkpoint (streamed, file to file), or load base "
+                               f"and adapter in one process and merge_and_unload there. Nothing was merged.")
+
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        self._check_not_sharded()
         if safe_merge:
             self._check_finite(adapter_names)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            self._check_not_sharded()
         if merge and safe_merge:
             self._check_finite(adapter_names)
         return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,

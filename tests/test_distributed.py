@@ -1,0 +1,74 @@
+"""Head-mask training in two processes (torchrun, gloo, CPU) equals training in one.
+
+tests/distributed_worker.py trains the same tiny float64 Llama adapter under DDP and under FSDP2 (``fully_shard``),
+each rank on half of every global batch, with gradient accumulation, with and without GMT. The reference is
+:func:`distributed_worker.train` in this process on the whole batches: the adapters must agree to float64
+reduction-order precision, the ranks with each other, GMT must choose its entries over the whole tensor (not per
+shard), and ``save_pretrained`` must write the single-process file.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import distributed_worker as worker
+
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+
+
+def torchrun(mode: str, out: Path) -> None:
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), mode,
+           str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """``{variant: {name: tensor}}`` of the adapters trained in this one process on the whole batches."""
+    out = {}
+    for variant, ratio in worker.VARIANTS.items():
+        model = worker.make_peft_model(ratio)
+        worker.train(model)
+        out[variant] = worker.adapter_tensors(model)
+    return out
+
+
+def assert_trained_alike(got: dict, want: dict, what: str) -> None:
+    assert set(got) == set(want), what
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-10, atol=1e-12, msg=f"{what}: {name}")
+
+
+def check_run(out: Path, reference: dict) -> None:
+    for variant, want in reference.items():
+        ranks = [load_file(out / f"{variant}.rank{r}.safetensors") for r in range(2)]
+        assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0]), f"{variant}: ranks differ"
+        assert_trained_alike(ranks[0], want, variant)
+        saved = load_file(out / variant / "adapter_model.safetensors")
+        single = {k.replace(".default", ""): v for k, v in want.items()}  # saved names carry no adapter name
+        assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in single.items()}
+        assert_trained_alike(saved, single, f"{variant} save_pretrained")
+    gmt = reference["gmt"]
+    for name, tensor in gmt.items():  # GMT changed the training (it is not silently off)
+        assert not torch.equal(tensor, reference["plain"][name])
+
+
+def test_ddp_equals_one_process(tmp_path, reference):
+    torchrun("ddp", tmp_path / "ddp")
+    check_run(tmp_path / "ddp", reference)
+    facts = json.loads((tmp_path / "ddp" / "facts.json").read_text())
+    assert facts["ddp_bucketed_bytes"] == facts["adapter_bytes"]  # only the head slices are in DDP's buckets
+
+
+def test_fsdp2_equals_one_process(tmp_path, reference):
+    torchrun("fsdp2", tmp_path / "fsdp2")
+    check_run(tmp_path / "fsdp2", reference)
+    facts = json.loads((tmp_path / "fsdp2" / "facts.json").read_text())
+    assert "merge_checkpoint" in facts["merge"], facts["merge"]  # refused, pointing at the streamed file merge
