@@ -8,7 +8,9 @@ for every variant of :data:`VARIANTS`, each rank on its half of every global bat
 * ``{variant}.rank{r}.safetensors``: the adapter's tensors after training, gathered whole (FSDP2: every rank
   gathers; DDP: each rank's own copy, so the test can see that ranks agree);
 * ``{variant}/``: ``save_pretrained`` of the adapter from rank 0, given the gathered state dict;
-* ``facts.json``: what DDP put in its buckets, and what merge_and_unload does on the sharded model.
+* ``facts.json``: what DDP put in its buckets, and what merge_and_unload does on the sharded model;
+* FSDP2 only, ``resumed.rank{r}.safetensors``: the ``plain`` adapter loaded back from its folder
+  (``PeftModel.from_pretrained(..., is_trainable=True)``), sharded and trained on (:func:`resume`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,23 @@ def train(model, step_model=None, rank: int = 0, world: int = 1, no_sync=None) -
         optimizer.zero_grad(set_to_none=True)
 
 
+def resume(folder):
+    """The saved adapter in ``folder`` loaded onto a fresh base, trainable (to train on from it)."""
+    from conftest import make_model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(make_model("llama", dtype=torch.float64), folder, is_trainable=True)
+
+
+def shard(model) -> None:
+    """FSDP2: each decoder layer, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
     """``{name: full tensor}`` of the trainable tensors (DTensor shards gathered: a collective)."""
     out = {}
@@ -97,17 +116,8 @@ def main(mode: str, out_dir: Path) -> None:
             facts["adapter_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
             train(model, wrapped, rank, world, no_sync=lambda last: wrapped.no_sync() if not last else _null())
         else:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.base_model.model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-
-            def sync(last):
-                model.set_requires_gradient_sync(last)
-                return _null()
-
-            train(model, model, rank, world, no_sync=sync)
+            shard(model)
+            train(model, model, rank, world, no_sync=_fsdp_sync(model))
         tensors = adapter_tensors(model)
         save_file(tensors, str(out_dir / f"{variant}.rank{rank}.safetensors"))
         if mode == "fsdp2":
@@ -125,9 +135,22 @@ def main(mode: str, out_dir: Path) -> None:
         elif rank == 0:
             model.save_pretrained(out_dir / variant)
         dist.barrier()
+    if mode == "fsdp2":
+        model = resume(out_dir / "plain")
+        shard(model)
+        train(model, model, rank, world, no_sync=_fsdp_sync(model))
+        save_file(adapter_tensors(model), str(out_dir / f"resumed.rank{rank}.safetensors"))
     if rank == 0:
         (out_dir / "facts.json").write_text(json.dumps(facts))
     dist.destroy_process_group()
+
+
+def _fsdp_sync(model):
+    """FSDP2's gradient accumulation: reduce-scatter on the last micro-batch only."""
+    def sync(last):
+        model.set_requires_gradient_sync(last)
+        return _null()
+    return sync
 
 
 class _null:

@@ -72,3 +72,8 @@ def test_fsdp2_equals_one_process(tmp_path, reference):
     check_run(tmp_path / "fsdp2", reference)
     facts = json.loads((tmp_path / "fsdp2" / "facts.json").read_text())
     assert "merge_checkpoint" in facts["merge"], facts["merge"]  # refused, pointing at the streamed file merge
+    model = worker.resume(tmp_path / "fsdp2" / "plain")  # a saved adapter trains on, sharded as in one process
+    worker.train(model)
+    resumed = load_file(tmp_path / "fsdp2" / "resumed.rank0.safetensors")
+    assert_trained_alike(resumed, worker.adapter_tensors(model), "resumed")
+    assert not torch.equal(resumed[next(iter(resumed))], reference["plain"][next(iter(resumed))])
