@@ -77,3 +77,36 @@ def test_fsdp2_equals_one_process(tmp_path, reference):
     resumed = load_file(tmp_path / "fsdp2" / "resumed.rank0.safetensors")
     assert_trained_alike(resumed, worker.adapter_tensors(model), "resumed")
     assert not torch.equal(resumed[next(iter(resumed))], reference["plain"][next(iter(resumed))])
+
+
+# ----- the transformers Trainer under accelerate launch -----
+TRAINER = Path(__file__).resolve().parent / "trainer_worker.py"
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+FSDP2_FLAGS = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+               "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
+
+
+def run_trainer(launcher: list, out: Path) -> tuple[dict, dict]:
+    done = subprocess.run([*launcher, str(TRAINER), str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return load_file(out / "adapter_model.safetensors"), json.loads((out / "run.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process_trainer(tmp_path_factory):
+    return run_trainer([sys.executable], tmp_path_factory.mktemp("trainer") / "one")[0]
+
+
+def test_trainer_under_accelerate_launch_equals_one_process(tmp_path, one_process_trainer):
+    """``accelerate launch --multi_gpu --num_processes 2`` (on a CPU machine: two CPU processes, gloo; the launch
+    command a GPU machine uses unchanged) trains and saves the adapter one process trains and saves."""
+    got, run = run_trainer([*ACCELERATE, "--multi_gpu", "--num_processes", "2"], tmp_path / "ddp")
+    assert run["world"] == 2 and run["distributed_type"] in ("DistributedType.MULTI_CPU", "DistributedType.MULTI_GPU")
+    assert_trained_alike(got, one_process_trainer, "Trainer, 2 processes")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="accelerate's FSDP plugin needs GPUs (not MULTI_CPU)")
+def test_trainer_under_accelerate_fsdp2_equals_one_process(tmp_path, one_process_trainer):
+    got, run = run_trainer([*ACCELERATE, "--num_processes", "2", *FSDP2_FLAGS], tmp_path / "fsdp2")
+    assert run["world"] == 2 and run["sharded"]
+    assert_trained_alike(got, one_process_trainer, "Trainer, FSDP2")
