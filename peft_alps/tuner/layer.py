@@ -68,12 +68,16 @@ class _MergedSliceLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, *saved = ctx.saved_tensors
         updates = tuple(u if has else None for u, has in zip(saved, ctx.has_update))
+        # The matmuls run in the dtype the forward's F.linear computed in, which is grad_out's: the weight's, or
+        # autocast's (an fp32 base under torch.autocast computes in bf16/fp16 while x and the weight stay fp32), as
+        # autograd would for F.linear under autocast; each gradient then takes its input's dtype.
+        dtype = grad_out.dtype
         grad_x = None
         if ctx.needs_input_grad[0]:
             w, _ = apply_slices(weight, None, ctx.slices, updates)  # recomputed: no weight copy kept alive
-            grad_x = grad_out @ w
+            grad_x = (grad_out @ w.to(dtype)).to(x.dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         grads = []
         for (axis, idx), delta, bias_delta in zip(ctx.slices, updates[0::2], updates[1::2]):
             if axis == "out":
