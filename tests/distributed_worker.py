@@ -30,15 +30,16 @@ VARIANTS = {"plain": 0.0, "gmt": 0.5}  # name -> grad_mask_ratio
 STEPS, ACCUMULATION, GLOBAL_BATCH = 2, 2, 4
 
 
-def make_peft_model(ratio: float):
+def make_peft_model(ratio: float, dtype=torch.float64):
     """The tiny float64 Llama of tests/conftest.py with a head-mask adapter (float64: the comparison with one process
-    then shows the reduction order only, ~1e-15, and GMT's choice of entries cannot flip on rounding)."""
+    then shows the reduction order only, ~1e-15, and GMT's choice of entries cannot flip on rounding; DeepSpeed
+    trains float32)."""
     from conftest import make_model
     from peft import get_peft_model
 
     from peft_alps import HeadMaskConfig
 
-    model = make_model("llama", dtype=torch.float64)
+    model = make_model("llama", dtype=dtype)
     return get_peft_model(model, HeadMaskConfig(heads=HEADS, parts=PARTS, grad_mask_ratio=ratio, init_weights=False))
 
 
@@ -99,10 +100,77 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def deepspeed_config(stage: int, world: int) -> dict:
+    """The DeepSpeed config of :func:`train`'s recipe: the same global batch, accumulation and AdamW."""
+    return {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": ACCUMULATION,
+            "gradient_clipping": 0.0, "zero_optimization": {"stage": stage,
+                                                            "stage3_gather_16bit_weights_on_model_save": True},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1, "torch_adam": True}}}
+
+
+def deepspeed_main(stage: int, out_dir: Path) -> None:
+    """ZeRO-``stage`` (2 or 3) through ``deepspeed.initialize``: float32 training of :func:`train`'s recipe, the
+    adapter gathered and written per rank; then GMT must refuse (DeepSpeed steps its own flat copies of the slices);
+    then, for ZeRO-3, a model built under ``zero.Init`` (weights partitioned before the adapter exists) wraps."""
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    facts = {}
+    model = make_peft_model(0.0, torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=deepspeed_config(stage, world))
+    share, data = GLOBAL_BATCH // world, batches()
+    for ids in data:
+        ids = ids[rank * share:(rank + 1) * share]
+        engine.backward(engine(input_ids=ids, labels=ids).loss)  # DeepSpeed divides by the accumulation steps
+        engine.step()
+    with deepspeed.zero.GatheredParameters(params):
+        save_file({n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(out_dir / f"zero{stage}.rank{rank}.safetensors"))
+    gmt = make_peft_model(0.5, torch.float32)
+    engine, *_ = deepspeed.initialize(model=gmt, model_parameters=[p for p in gmt.parameters() if p.requires_grad],
+                                      config=deepspeed_config(stage, world))
+    try:
+        for micro in range(ACCUMULATION):
+            ids = data[micro][rank * share:(rank + 1) * share]
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+        facts["gmt"] = "trained"
+    except RuntimeError as e:
+        facts["gmt"] = str(e)
+    if stage == 3:
+        import transformers
+        from conftest import ARCHS
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(deepspeed_config(3, world))  # noqa: F841 - zero.Init while it is alive
+        base = transformers.AutoModelForCausalLM.from_config(ARCHS["llama"][0]())
+        facts["zero_init_partitioned"] = hasattr(base.model.layers[0].self_attn.q_proj.weight, "ds_numel")
+        from peft import get_peft_model
+
+        from peft_alps import HeadMaskConfig
+
+        wrapped = get_peft_model(base, HeadMaskConfig(heads=HEADS, parts=PARTS))
+        facts["zero_init_fingerprint"] = wrapped.peft_config["default"].base_fingerprint is not None
+        try:
+            wrapped.merge_and_unload()
+            facts["merge"] = "merged"
+        except RuntimeError as e:
+            facts["merge"] = str(e)
+    if rank == 0:
+        (out_dir / f"zero{stage}.json").write_text(json.dumps(facts))
+    dist.barrier()
+
+
 def main(mode: str, out_dir: Path) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
+    if mode in ("zero2", "zero3"):
+        return deepspeed_main(int(mode[-1]), out_dir)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     facts = {}

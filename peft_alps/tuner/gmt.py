@@ -26,6 +26,7 @@ are masked in the optimizer's parameter order, the same on every rank), never pe
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 
 import torch
@@ -86,10 +87,15 @@ def _masked_tensors():
 def _mask_before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """Global optimizer step pre-hook: mask the gradients of this optimizer's tracked head-slice tensors, in the
     optimizer's parameter order (the same on every rank: sharded gradients are gathered one by one)."""
-    ratios = {id(p): r for p, r in _masked_tensors()}
-    if not ratios:
+    tracked = _masked_tensors()
+    if not tracked:
         return
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) in ratios and p.grad is not None:
-                mask_small_gradients_(p.grad, ratios[id(p)])
+    ratios = {id(p): r for p, r in tracked}
+    stepped = [p for group in optimizer.param_groups for p in group["params"] if id(p) in ratios]
+    if not stepped and "deepspeed" in sys.modules and all(p.grad is None for p, _ in tracked):
+        raise RuntimeError("grad_mask_ratio > 0 (GMT) needs the head slices' gradients at optimizer.step(), but "
+                           "DeepSpeed ZeRO steps its own flat copies of them: GMT would silently do nothing. Train "
+                           "with grad_mask_ratio=0 under DeepSpeed, or use DDP / FSDP2 for GMT.")
+    for p in stepped:
+        if p.grad is not None:
+            mask_small_gradients_(p.grad, ratios[id(p)])

@@ -82,7 +82,18 @@ def check_weights_file(path, expected: dict) -> None:
 
 def base_fingerprint(targets: dict, modules: dict) -> dict | None:
     """:func:`peft_alps.io.integrity.fingerprint` of the base slices ``targets`` selects, keyed ``<module>.weight`` /
-    ``<module>.bias``; None if a weight is not a real floating-point tensor (meta device, quantized)."""
+    ``<module>.bias``; None if a weight is not a real floating-point tensor (meta device, quantized). DeepSpeed
+    ZeRO-3 partitions weights (``zero.Init``): they are gathered while read (PEFT's ``gather_params_ctx``, a no-op
+    otherwise; every rank runs get_peft_model)."""
+    from peft.utils.integrations import gather_params_ctx
+
+    bases = [base_layer(modules[name]) for name in targets]
+    params = [p for base in bases for p in (base.weight, base.bias) if p is not None]
+    with gather_params_ctx(params, modifier_rank=None):
+        return _fingerprint(targets, modules)
+
+
+def _fingerprint(targets: dict, modules: dict) -> dict | None:
     sketches, dtype = {}, None
     for name, (channels, axis) in targets.items():
         base = base_layer(modules[name])
@@ -96,6 +107,11 @@ def base_fingerprint(targets: dict, modules: dict) -> dict | None:
             sketches[f"{name}.bias"] = sketch(base.bias.index_select(0, idx))
         dtype = weight.dtype
     return fingerprint(sketches, dtype)
+
+
+def _is_sharded(weight) -> bool:
+    """An FSDP2 shard (DTensor) or a DeepSpeed ZeRO-3 partitioned parameter."""
+    return type(weight).__name__ == "DTensor" or hasattr(weight, "ds_numel")
 
 
 class HeadMaskModel(BaseTuner):
@@ -178,13 +194,15 @@ class HeadMaskModel(BaseTuner):
                             raise ValueError(f"NaN or inf in adapter {name!r} at {module_name}; nothing was merged.")
 
     def _check_not_sharded(self) -> None:
-        """Merging writes slices into the base weights: refuse (before any write) when they are FSDP2 shards."""
+        """Merging writes slices into the base weights: refuse (before any write) when they are FSDP2 shards
+        (DTensor) or DeepSpeed ZeRO-3 partitions."""
         sharded = next((name for name, module in self.model.named_modules() if isinstance(module, HeadMaskLayer)
-                        and type(module.get_base_layer().weight).__name__ == "DTensor"), None)
+                        and _is_sharded(module.get_base_layer().weight)), None)
         if sharded is not None:
-            raise RuntimeError(f"Cannot merge into a sharded model ({sharded} holds an FSDP2 shard of its weight). "
-                               f"Save the adapter (gathered: get_model_state_dict(model, options=StateDictOptions("
-                               f"full_state_dict=True)) passed to save_pretrained) and merge it into the full "
+            raise RuntimeError(f"Cannot merge into a sharded model ({sharded} holds a shard of its weight: FSDP2 or "
+                               f"DeepSpeed ZeRO-3). Save the adapter gathered (FSDP2: get_model_state_dict(model, "
+                               f"options=StateDictOptions(full_state_dict=True)) passed to save_pretrained; "
+                               f"accelerate: accelerator.get_state_dict(model)) and merge it into the full "
                                f"checkpoint with peft_alps.merge_checkpoint (streamed, file to file), or load base "
                                f"and adapter in one process and merge_and_unload there. Nothing was merged.")
 
