@@ -26,7 +26,6 @@ are masked in the optimizer's parameter order, the same on every rank), never pe
 from __future__ import annotations
 
 import math
-import sys
 import weakref
 
 import torch
@@ -91,11 +90,16 @@ def _mask_before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     if not tracked:
         return
     ratios = {id(p): r for p, r in tracked}
-    stepped = [p for group in optimizer.param_groups for p in group["params"] if id(p) in ratios]
-    if not stepped and "deepspeed" in sys.modules and all(p.grad is None for p, _ in tracked):
+    if any(_deepspeed_zero(p) for p, _ in tracked):
         raise RuntimeError("grad_mask_ratio > 0 (GMT) needs the head slices' gradients at optimizer.step(), but "
                            "DeepSpeed ZeRO steps its own flat copies of them: GMT would silently do nothing. Train "
                            "with grad_mask_ratio=0 under DeepSpeed, or use DDP / FSDP2 for GMT.")
-    for p in stepped:
+    for p in (p for group in optimizer.param_groups for p in group["params"] if id(p) in ratios):
         if p.grad is not None:
             mask_small_gradients_(p.grad, ratios[id(p)])
+
+
+def _deepspeed_zero(param) -> bool:
+    """A parameter handed to a DeepSpeed ZeRO optimizer: stage 1/2 number it in their flat groups
+    (``param_idx_in_group``), stage 3 partitions it (``ds_numel``)."""
+    return hasattr(param, "param_idx_in_group") or hasattr(param, "ds_numel")
