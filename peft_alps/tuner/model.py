@@ -70,6 +70,19 @@ def head_tensors(config: HeadMaskConfig, targets: dict, modules: dict) -> dict[s
     return expected_tensors(delta_kind(config.delta_kind), projections)
 
 
+def check_not_quantized(targets: dict, modules: dict) -> None:
+    """Head slices are read from and written into the base weight as real numbers: refuse a quantized projection
+    (an integer weight, e.g. bitsandbytes int8, or a tensor subclass other than a DTensor shard, e.g. torchao's
+    quantized tensors) before anything is wrapped, instead of training on its packed storage."""
+    for name in targets:
+        weight = base_layer(modules[name]).weight
+        plain = type(weight) in (torch.Tensor, nn.Parameter) or type(weight).__name__ == "DTensor"
+        if not weight.is_floating_point() or not plain:
+            raise ValueError(f"{name} holds a quantized weight ({type(weight).__name__}, {weight.dtype}): head-mask "
+                             f"adapters need a floating-point base for now. Load the base in bf16/fp16/fp32 (no "
+                             f"quantization_config); nothing was wrapped.")
+
+
 def check_weights_file(path, expected: dict) -> None:
     """The adapter file must be sound and hold exactly the head tensors ``expected`` (key -> shape) names;
     ValueError naming the file and the tensor otherwise (nothing is modified). A checksum mismatch warns."""
@@ -149,6 +162,7 @@ class HeadMaskModel(BaseTuner):
         layout, names = model_layout(peft_config, model)
         targets = module_targets(peft_config, layout, names)
         modules = dict(model.named_modules())
+        check_not_quantized(targets, modules)
         weights_file = getattr(peft_config, "_weights_file", None)
         if weights_file is not None:
             check_weights_file(weights_file, head_tensors(peft_config, targets, modules))
