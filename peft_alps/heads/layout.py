@@ -540,15 +540,12 @@ def resolve_layout(recorded, model_config, fix: str = "", infer=None) -> HeadLay
     candidates = [HeadLayout.from_model_config(model_config, stack) for stack in
                   (entry if isinstance(entry, dict) else [None])]
     mine = recorded.to_dict()
-    for derived in candidates:
-        theirs = derived.to_dict()
-        differ = [k for k in mine if k != "model_type" and mine[k] != theirs[k]]
-        if not differ:
-            return recorded
+    differences = {id(c): [k for k, v in c.to_dict().items() if k != "model_type" and mine[k] != v] for c in candidates}
+    if not all(differences.values()):
+        return recorded
     derived = next((c for c in candidates if (c.layers, c.modules) == (recorded.layers, recorded.modules)),
                    candidates[0])
-    theirs = derived.to_dict()
-    differ = [k for k in mine if k != "model_type" and mine[k] != theirs[k]]
+    theirs, differ = derived.to_dict(), differences[id(derived)]
     pick = " (or pick a stack with HeadLayout.from_model_config)"
     raise LayoutError(f"The layout (recorded with the adapter, or passed in) does not match this "
                       f"{derived.model_type} model: it was made for {recorded.model_type} attention shaped "

@@ -8,6 +8,16 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 
+def is_dtensor(tensor) -> bool:
+    """An FSDP2 shard (a ``torch.distributed`` DTensor), told by its type without importing torch.distributed."""
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "full_tensor")
+
+
+def is_zero3_partition(param) -> bool:
+    """A parameter DeepSpeed ZeRO-3 has partitioned across ranks (it carries ``ds_numel``)."""
+    return hasattr(param, "ds_numel")
+
+
 def base_layer(module: nn.Module) -> nn.Module:
     """The layer a PEFT tuner layer wraps (``module`` itself if it is not one)."""
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module

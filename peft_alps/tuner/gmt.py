@@ -31,6 +31,8 @@ import weakref
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from ..heads.modules import is_dtensor, is_zero3_partition
+
 _LAYERS: "weakref.WeakSet" = weakref.WeakSet()  # HeadMaskLayers with at least one adapter of ratio > 0
 _HOOK = None  # RemovableHandle of the global pre-hook, once installed
 
@@ -43,7 +45,7 @@ def mask_small_gradients_(grad: torch.Tensor, ratio: float) -> torch.Tensor:
     k = math.floor(ratio * grad.numel())
     if k == 0:
         return grad
-    if _is_dtensor(grad):
+    if is_dtensor(grad):
         from torch.distributed.tensor import distribute_tensor
 
         full = mask_small_gradients_(grad.full_tensor(), ratio)
@@ -56,10 +58,6 @@ def mask_small_gradients_(grad: torch.Tensor, ratio: float) -> torch.Tensor:
     else:
         grad.copy_(grad.flatten().index_fill_(0, idx, 0).view_as(grad))
     return grad
-
-
-def _is_dtensor(tensor) -> bool:
-    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "full_tensor")
 
 
 def track(layer) -> None:
@@ -102,4 +100,4 @@ def _mask_before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
 def _deepspeed_zero(param) -> bool:
     """A parameter handed to a DeepSpeed ZeRO optimizer: stage 1/2 number it in their flat groups
     (``param_idx_in_group``), stage 3 partitions it (``ds_numel``)."""
-    return hasattr(param, "param_idx_in_group") or hasattr(param, "ds_numel")
+    return hasattr(param, "param_idx_in_group") or is_zero3_partition(param)

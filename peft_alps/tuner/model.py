@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 from ..heads.delta import delta_kind
 from ..heads.infer import infer_layout
 from ..heads.layout import HeadLayout, linear_dim, linear_frame, resolve_layout
-from ..heads.modules import base_layer, projection_shapes
+from ..heads.modules import base_layer, is_dtensor, is_zero3_partition, projection_shapes
 from ..io.adapter import AdapterError, check_weights, expected_tensors
 from ..io.integrity import check_file, check_fingerprint, fingerprint, sketch
 from .config import HeadMaskConfig
@@ -76,7 +76,7 @@ def check_not_quantized(targets: dict, modules: dict) -> None:
     quantized tensors) before anything is wrapped, instead of training on its packed storage."""
     for name in targets:
         weight = base_layer(modules[name]).weight
-        plain = type(weight) in (torch.Tensor, nn.Parameter) or type(weight).__name__ == "DTensor"
+        plain = type(weight) in (torch.Tensor, nn.Parameter) or is_dtensor(weight)
         if not weight.is_floating_point() or not plain:
             raise ValueError(f"{name} holds a quantized weight ({type(weight).__name__}, {weight.dtype}): head-mask "
                              f"adapters need a floating-point base for now. Load the base in bf16/fp16/fp32 (no "
@@ -120,11 +120,6 @@ def _fingerprint(targets: dict, modules: dict) -> dict | None:
             sketches[f"{name}.bias"] = sketch(base.bias.index_select(0, idx))
         dtype = weight.dtype
     return fingerprint(sketches, dtype)
-
-
-def _is_sharded(weight) -> bool:
-    """An FSDP2 shard (DTensor) or a DeepSpeed ZeRO-3 partitioned parameter."""
-    return type(weight).__name__ == "DTensor" or hasattr(weight, "ds_numel")
 
 
 class HeadMaskModel(BaseTuner):
@@ -211,7 +206,8 @@ class HeadMaskModel(BaseTuner):
         """Merging writes slices into the base weights: refuse (before any write) when they are FSDP2 shards
         (DTensor) or DeepSpeed ZeRO-3 partitions."""
         sharded = next((name for name, module in self.model.named_modules() if isinstance(module, HeadMaskLayer)
-                        and _is_sharded(module.get_base_layer().weight)), None)
+                        and (is_dtensor(module.get_base_layer().weight)
+                             or is_zero3_partition(module.get_base_layer().weight))), None)
         if sharded is not None:
             raise RuntimeError(f"Cannot merge into a sharded model ({sharded} holds a shard of its weight: FSDP2 or "
                                f"DeepSpeed ZeRO-3). Save the adapter gathered (FSDP2: get_model_state_dict(model, "
