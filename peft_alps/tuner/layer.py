@@ -251,6 +251,11 @@ class Linear(nn.Module, HeadMaskLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if getattr(self, "_headmask_mixture", None) is not None:
+            if adapter_names is not None:
+                raise ValueError("Pass either adapter_names (one adapter per sample) or an adapter_mixture (weights "
+                                 "per sample), not both.")
+            return self._mixture_forward(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
@@ -270,6 +275,28 @@ class Linear(nn.Module, HeadMaskLayer):
             ((axis, idx),), (delta, bias_delta) = self._slices([name])
             rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=y.device)
             y[rows] = add_slice_output(y[rows], x[rows], axis, idx, delta, bias_delta)
+        return y
+
+    def _mixture_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Output under an adapter mixture (:func:`peft_alps.tuner.mixture.adapter_mixture`, which sets
+        ``_headmask_mixture = (adapter names, weights [batch, adapters])``): the base output plus, per adapter,
+        each sample's weight times the adapter's slice contribution (the ``output_add`` formula)."""
+        if self.merged:
+            raise ValueError(f"Cannot run an adapter mixture while adapter(s) {self.merged_adapters} are merged into "
+                             f"the base weights: call unmerge_adapter() first.")
+        adapters, weights = self._headmask_mixture
+        batch = x.shape[0]
+        if batch % weights.shape[0]:
+            raise ValueError(f"The adapter mixture has weights for {weights.shape[0]} samples but the layer sees a "
+                             f"batch of {batch}: pass one row of weights per sample.")
+        weights = weights.to(x.device).repeat_interleave(batch // weights.shape[0], dim=0)  # generate's beams
+        y = self.base_layer(x, *args, **kwargs)
+        for a, name in enumerate(adapters):
+            if name not in self.headmask_kind:  # an adapter without heads in this layer
+                continue
+            ((axis, idx),), (delta, bias_delta) = self._slices([name])
+            scale = weights[:, a].reshape(batch, *([1] * (x.dim() - 1)))
+            y = add_slice_output(y, x, axis, idx, delta, bias_delta, scale=scale)
         return y
 
     def __repr__(self) -> str:
@@ -293,12 +320,20 @@ def head_slice_forward(layer: HeadMaskLayer, x: torch.Tensor, adapter_names: lis
     return y
 
 
-def add_slice_output(y, x, axis, idx, delta, bias_delta) -> torch.Tensor:
+def add_slice_output(y, x, axis, idx, delta, bias_delta, scale=None) -> torch.Tensor:
     """``y`` (the base output for ``x``) plus one adapter's slice contribution: the ``"output_add"`` formula.
 
     Rows (``axis="out"``): ``x @ D^T (+ bias update)`` added into output channels ``idx``;
     columns (``"in"``): input channels ``x[..., idx] @ D^T`` added to every output channel.
+    ``scale`` (optional, broadcasting against the contribution, e.g. ``[batch, 1, 1]``): per-sample weights of the
+    contribution (adapter mixtures, :mod:`peft_alps.tuner.mixture`).
     """
     if axis == "out":
-        return y.index_add(-1, idx, F.linear(x.to(delta.dtype), delta, bias_delta).to(y.dtype))
-    return y + F.linear(x.index_select(-1, idx).to(delta.dtype), delta).to(y.dtype)
+        contribution = F.linear(x.to(delta.dtype), delta, bias_delta)
+    else:
+        contribution = F.linear(x.index_select(-1, idx).to(delta.dtype), delta)
+    if scale is not None:
+        contribution = contribution * scale.to(contribution.dtype)
+    if axis == "out":
+        return y.index_add(-1, idx, contribution.to(y.dtype))
+    return y + contribution.to(y.dtype)

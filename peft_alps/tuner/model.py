@@ -17,6 +17,7 @@ from .config import HeadMaskConfig
 from .layer import HeadMaskLayer, Linear
 from .loading import expect_complete_loads
 from .mixed_batch import BASE, mixed_batch_hooks
+from .mixture import weighted_adapter
 
 
 def model_layout(config: HeadMaskConfig, model: nn.Module) -> tuple[HeadLayout, dict]:
@@ -229,6 +230,11 @@ class HeadMaskModel(BaseTuner):
             self._check_finite(adapter_names)
         return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
                                                     adapter_names=adapter_names)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Add ``adapter_name``: the dense head adapter whose update is the weighted sum of ``adapters``' updates
+        (exact; union of their heads and parts). See :func:`peft_alps.tuner.mixture.weighted_adapter`."""
+        weighted_adapter(self, adapters, weights, adapter_name)
 
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         """PEFT's context for ``model(..., adapter_names=[...])``: one adapter per sample (mixed-adapter batch)."""
