@@ -54,8 +54,9 @@ def staged_folder(out, stale=(), whole: bool = False):
         names = sorted(p.name for p in stage.iterdir())
         mask = umask()
         os.chmod(stage, 0o777 & ~mask)  # mkdtemp/mkstemp create owner-only entries
-        for name in names:
-            os.chmod(stage / name, 0o666 & ~mask)
+        for name in names:  # folders made inside the stage with mkdir already have the umask's permissions
+            if not (stage / name).is_dir():
+                os.chmod(stage / name, 0o666 & ~mask)
         if not out.exists():
             os.rename(stage, out)
         elif whole:
