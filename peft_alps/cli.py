@@ -174,6 +174,44 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layout", metavar="JSON", help="a layout file to check instead (HeadLayout keys)")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.set_defaults(func=check_layout_command)
+
+    e = sub.add_parser(
+        "cluster-data",
+        help="ELREA: cluster task examples by their gradient direction under a trained base adapter",
+        description="Compute each example's gradient direction (loss over its tokens, gradient with respect to "
+        "the head-mask adapter ADAPTER_DIR on BASE_DIR, CountSketch to --dim numbers, unit length), cluster them "
+        "with spherical k-means into --experts clusters, and write into --out: cluster_<i>.jsonl (the examples "
+        "of cluster i, as {\"text\": ...}, to train expert i on), centroids.safetensors and clusters.json "
+        "(the cluster of every example, sizes, dim, seed). Build the ensemble in Python: "
+        "peft_alps.ensemble.ExpertEnsemble.",
+        epilog="example: peft-alps cluster-data --base ./base --adapter ./base-adapter --data train.jsonl "
+        "--experts 3 --out clusters/",
+    )
+    e.add_argument("--base", required=True, metavar="BASE_DIR", help="base checkpoint folder with a tokenizer")
+    e.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="the trained base head-mask adapter")
+    e.add_argument("--data", required=True, metavar="FILE", help="examples, as for localize --data")
+    e.add_argument("--experts", type=int, required=True, metavar="K", help="number of clusters (experts)")
+    e.add_argument("--dim", type=int, default=256, help="feature size (default: %(default)s)")
+    e.add_argument("--seed", type=int, default=0, help="CountSketch and k-means seed (default: %(default)s)")
+    e.add_argument("--examples", type=int, default=None, metavar="N", help="use the first N examples")
+    e.add_argument("--max-length", type=int, default=256, help="tokens per example (default: %(default)s)")
+    e.add_argument("--out", required=True, metavar="DIR", help="output folder; must be empty unless --overwrite")
+    e.add_argument("--overwrite", action="store_true", help="replace the outputs in a non-empty --out")
+    e.set_defaults(func=cluster_data_command)
+
+    r = sub.add_parser(
+        "route",
+        help="ELREA: the expert weights an ensemble gives each example",
+        description="Load the ensemble folder ENSEMBLE_DIR (written by ExpertEnsemble.save) on BASE_DIR and print, "
+        "for every example of --data, its expert weights (softmax of the cosine similarity of its gradient "
+        "direction to each expert's cluster centroid) as one JSON line.",
+        epilog="example: peft-alps route ./my-ensemble --base ./base --data questions.txt",
+    )
+    r.add_argument("ensemble", metavar="ENSEMBLE_DIR", help="folder written by ExpertEnsemble.save")
+    r.add_argument("--base", required=True, metavar="BASE_DIR", help="base checkpoint folder with a tokenizer")
+    r.add_argument("--data", required=True, metavar="FILE", help="examples, as for localize --data")
+    r.add_argument("--max-length", type=int, default=256, help="tokens per example (default: %(default)s)")
+    r.set_defaults(func=route_command)
     return parser
 
 
@@ -421,4 +459,92 @@ def check_layout_command(args) -> int:
     else:
         print(result.summary())
         print(json.dumps(result.layout.to_dict()))
+    return 0
+
+
+def _causal_lm(base: str):
+    """``(model, tokenizer)`` of the causal LM checkpoint folder ``base`` (fp32, eager attention), quietly."""
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
+    return model, tokenizer
+
+
+def _check_paths(**paths) -> None:
+    for name, p in paths.items():
+        if not Path(p).exists():
+            raise CLIError(f"--{name.replace('_', '-')} path does not exist: {p}")
+
+
+def cluster_data_command(args) -> int:
+    """``peft-alps cluster-data``: ELREA's clustering of examples by gradient direction (one folder out)."""
+    _check_paths(base=args.base, adapter=args.adapter, data=args.data)
+    for name, value in (("--experts", args.experts), ("--dim", args.dim), ("--max-length", args.max_length)):
+        if value < 1:
+            raise CLIError(f"{name} must be >= 1, got {value}")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
+        raise CLIError(f"--out must be an empty or new folder: {out} (pass --overwrite to replace its outputs)")
+    from .data import read_texts
+
+    try:
+        texts = read_texts(args.data, limit=args.examples)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if len(texts) < args.experts:
+        raise CLIError(f"--data has {len(texts)} examples, fewer than --experts {args.experts}")
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from .data import text_batches
+    from .ensemble import CENTROIDS_FILE, cluster_features, gradient_features
+    from .io.files import staged_folder
+
+    model, tokenizer = _causal_lm(args.base)
+    try:
+        model = PeftModel.from_pretrained(model, args.adapter)
+        features = gradient_features(model, text_batches(tokenizer, texts, max_length=args.max_length),
+                                     dim=args.dim, seed=args.seed)
+    except ValueError as e:
+        raise CLIError(f"cannot compute gradient features: {e}") from None
+    labels, centroids = cluster_features(features, args.experts, seed=args.seed)
+    sizes = labels.bincount(minlength=args.experts).tolist()
+    old = [p.name for p in out.glob("cluster_*.jsonl")] if out.is_dir() else []  # of an earlier, larger k
+    with staged_folder(out, stale=old) as stage:
+        for i in range(args.experts):
+            (stage / f"cluster_{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t, c in
+                                                              zip(texts, labels.tolist()) if c == i))
+        save_file({"centroids": centroids.contiguous()}, str(stage / CENTROIDS_FILE))
+        (stage / "clusters.json").write_text(json.dumps({
+            "adapter": str(args.adapter), "data": str(args.data), "dim": args.dim, "seed": args.seed,
+            "sizes": sizes, "labels": labels.tolist()}) + "\n")
+    print(f"Clustered {len(texts)} examples into {args.experts} clusters of sizes {sizes}; wrote "
+          f"cluster_0..{args.experts - 1}.jsonl, {CENTROIDS_FILE} and clusters.json to {out}")
+    return 0
+
+
+def route_command(args) -> int:
+    """``peft-alps route``: each example's expert weights under an ELREA ensemble (JSON lines)."""
+    _check_paths(ensemble=args.ensemble, base=args.base, data=args.data)
+    from .data import read_texts
+
+    try:
+        texts = read_texts(args.data)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    from .data import text_batches
+    from .ensemble import load_ensemble
+
+    model, tokenizer = _causal_lm(args.base)
+    try:
+        model, ensemble = load_ensemble(model, args.ensemble)
+    except (ValueError, OSError) as e:
+        raise CLIError(f"cannot load the ensemble {args.ensemble}: {e}") from None
+    weights = ensemble.route(model, text_batches(tokenizer, texts, max_length=args.max_length))
+    for text, row in zip(texts, weights.tolist()):
+        print(json.dumps({"text": text[:80], "weights": dict(zip(ensemble.experts, [round(w, 4) for w in row]))}))
     return 0

@@ -149,3 +149,49 @@ def test_ensemble_save_load_reproduces_outputs_and_generation(tmp_path):
 def test_ensemble_checks_its_shapes():
     with pytest.raises(ValueError, match=r"centroids must be \[experts, dim\] = \[2, 8\]"):
         ExpertEnsemble(base="default", experts=["a", "b"], centroids=torch.zeros(3, 8), dim=8, seed=0)
+
+
+def test_cli_cluster_data_and_route_equal_the_python_api(tmp_path, capsys):
+    import json
+
+    import transformers as tf
+    from safetensors.torch import load_file
+    from test_cli import char_tokenizer, run
+
+    from peft_alps.data import read_texts, text_batches
+
+    base = make_model("llama")
+    base.save_pretrained(tmp_path / "base")
+    char_tokenizer().save_pretrained(tmp_path / "base")
+    model = base_adapter_model()  # the same base weights (seed 0) with a random adapter
+    model.save_pretrained(tmp_path / "adapter")
+    lines = [json.dumps({"text": f"{w} {i}"}) for i in range(5) for w in ("add", "spell me")]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, err = run(capsys, "cluster-data", "--base", tmp_path / "base", "--adapter", tmp_path / "adapter",
+                         "--data", tmp_path / "data.jsonl", "--experts", "2", "--dim", "16", "--out",
+                         tmp_path / "clusters")
+    assert code == 0, err
+    texts = read_texts(tmp_path / "data.jsonl")
+    tokenizer = tf.AutoTokenizer.from_pretrained(tmp_path / "base")
+    features = gradient_features(model, text_batches(tokenizer, texts), dim=16, seed=0)
+    labels, centroids = cluster_features(features, 2, seed=0)
+    record = json.loads((tmp_path / "clusters" / "clusters.json").read_text())
+    assert record["labels"] == labels.tolist() and sum(record["sizes"]) == 10
+    torch.testing.assert_close(load_file(tmp_path / "clusters" / "centroids.safetensors")["centroids"], centroids)
+    for i in range(2):
+        rows = [json.loads(x)["text"] for x in (tmp_path / "clusters" / f"cluster_{i}.jsonl").read_text().split("\n")
+                if x]
+        assert rows == [t for t, c in zip(texts, labels.tolist()) if c == i]
+    # route: an ensemble folder, then one JSON line of weights per example
+    experts = add_experts(model, 2)
+    ensemble = ExpertEnsemble(base="default", experts=experts, centroids=centroids, dim=16, seed=0)
+    ensemble.save(model, tmp_path / "ens")
+    code, out, err = run(capsys, "route", tmp_path / "ens", "--base", tmp_path / "base", "--data",
+                         tmp_path / "data.jsonl")
+    assert code == 0, err
+    printed = [json.loads(line)["weights"] for line in out.strip().split("\n")]
+    expected = routing_weights(features, centroids, ensemble.temperature)
+    assert [[row[e] for e in experts] for row in printed] == [[round(w, 4) for w in r] for r in expected.tolist()]
+    code, _, err = run(capsys, "cluster-data", "--base", tmp_path / "base", "--adapter", tmp_path / "adapter",
+                       "--data", tmp_path / "data.jsonl", "--experts", "20", "--out", tmp_path / "c2")
+    assert code == 2 and "fewer than --experts 20" in err and not (tmp_path / "c2").exists()
