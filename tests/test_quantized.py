@@ -75,7 +75,7 @@ def inputs(seed=1):
 def dequantized_weights(model):
     """``{parameter name: plain float tensor}`` of ``model``'s base weights, quantized ones dequantized by PEFT's
     backend (names without PEFT's wrappers)."""
-    from peft.utils.quantization_utils import resolve_quantization_backend
+    from peft_alps.tuner.quantized import quantization_backend  # PEFT's backend (dequantization is PEFT's)
 
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     out = {}
@@ -85,8 +85,7 @@ def dequantized_weights(model):
         for pname, p in module.named_parameters(recurse=False):
             full = f"{name}.{pname}".replace(".base_layer", "") if name else pname
             if pname == "weight" and not (type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point()):
-                backend = resolve_quantization_backend(module, get_apply_tensor_subclass=lambda: None)
-                p = backend.get_base_weight(module)
+                p = quantization_backend(module).get_base_weight(module)
             out[full] = p.detach().float()
     return out
 
