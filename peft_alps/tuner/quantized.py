@@ -51,9 +51,13 @@ def quantization_backend(base: nn.Module, name: str = "this projection", get_app
         return None
     from peft.utils.quantization_utils import TorchaoBackend, resolve_quantization_backend
 
-    backend = resolve_quantization_backend(base, get_apply_tensor_subclass=get_apply_tensor_subclass or _no_requantize)
+    requantize = get_apply_tensor_subclass or _no_requantize
+    try:
+        backend = resolve_quantization_backend(base, get_apply_tensor_subclass=requantize)
+    except ImportError:  # PEFT 0.20's torchao branch imports a name torchao 0.18 no longer has
+        backend = None
     if backend is None and type(weight).__module__.startswith("torchao") and hasattr(weight, "dequantize"):
-        backend = TorchaoBackend(get_apply_tensor_subclass or _no_requantize)  # PEFT 0.20 knows fewer torchao types
+        backend = TorchaoBackend(requantize)  # PEFT 0.20 knows only torchao's older tensor types
     if backend is None or not backend.supports_merge:  # forward-only backends cannot read the base values
         what = f"a {backend.backend_name} layer" if backend is not None else \
             f"a {type(weight).__name__} weight of dtype {str(weight.dtype).removeprefix('torch.')}"
