@@ -9,10 +9,12 @@ the heads (``random_heads(..., ratio=0.1, seed=0)``; ``forward_strategy`` left u
 "output_add" on the quantized ones) and LoRA r=16, alpha 32.
 
 Every (base, adapter) runs in its own fresh subprocess, so its memory is its own; the runs are interleaved
-round-robin (all eight, then again) over ``--repeats``. A run loads the base, wraps it, resets the kernel's
-peak-RSS mark (``/proc/self/clear_refs``), then trains ``--warmup`` + ``--steps`` AdamW steps on one fixed batch
-(``--batch`` x ``--seq`` random tokens, labels = inputs; ``--threads`` torch threads) and reports: the peak RSS during training (``VmHWM`` after the reset: the
-model, activations, gradients and optimizer state, without the loading transient), the peak RSS of the whole
+round-robin (all eight, then again) over ``--repeats``. A run loads the base, wraps it, returns freed heap to the OS
+(``malloc_trim``: the loaders leave much of it with the allocator), resets the kernel's peak-RSS mark
+(``/proc/self/clear_refs``), then trains ``--warmup`` + ``--steps`` AdamW steps on one fixed batch
+(``--batch`` x ``--seq`` random tokens, labels = inputs; ``--threads`` torch threads) and reports: the peak RSS
+during training (``VmHWM`` after the reset: the model, activations, gradients and optimizer state, without the
+loading transient), the peak RSS of the whole
 process (``ru_maxrss``, loading included), the RSS before training, the median step time and the first and last
 loss. Summary per base: medians over repeats, and the head-mask / LoRA ratios of each repeat's pair (median).
 Results are written after every run and the script resumes from them. Timings are ratios within one machine and
@@ -63,6 +65,7 @@ def load_base(base: str):
 
 
 def worker(base: str, adapter: str, steps: int, warmup: int, batch: int, seq: int, threads: int) -> dict:
+    import ctypes
     import gc
     import warnings
 
@@ -88,6 +91,8 @@ def worker(base: str, adapter: str, steps: int, warmup: int, batch: int, seq: in
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     gc.collect()
+    untrimmed = _status_mb("VmRSS")
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # return the heap the loader freed to the OS: RSS = what is in use
     before = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak-RSS mark restarts here
     times, losses = [], []
@@ -101,7 +106,7 @@ def worker(base: str, adapter: str, steps: int, warmup: int, batch: int, seq: in
             times.append(time.perf_counter() - t)
         losses.append(loss.item())
     return dict(base=base, adapter=adapter, trainable=sum(p.numel() for p in params), load_s=load_s,
-                rss_before_train_mb=before, peak_rss_train_mb=_status_mb("VmHWM"),
+                rss_untrimmed_mb=untrimmed, rss_before_train_mb=before, peak_rss_train_mb=_status_mb("VmHWM"),
                 peak_rss_process_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 step_s=statistics.median(times), first_loss=losses[0], last_loss=losses[-1])
 
@@ -118,7 +123,9 @@ def summarize(runs: list) -> dict:
             if rs:
                 row[adapter] = {k: statistics.median(r[k] for r in rs) for k in
                                 ("peak_rss_train_mb", "peak_rss_process_mb", "rss_before_train_mb", "step_s",
-                                 "load_s")}
+                                 "load_s") if k in rs[0]}
+                if "rss_untrimmed_mb" in rs[0]:
+                    row[adapter]["rss_untrimmed_mb"] = statistics.median(r["rss_untrimmed_mb"] for r in rs)
                 row[adapter].update(trainable=rs[0]["trainable"], repeats=len(rs))
         pairs = [(h, lo) for h in by.get((base, "headmask10"), []) for lo in by.get((base, "lora16"), [])
                  if h["repeat"] == lo["repeat"]]
@@ -168,7 +175,8 @@ def main() -> None:
                       f"process peak {run['peak_rss_process_mb']:7.0f} MB  step {run['step_s']:.2f} s  loss "
                       f"{run['first_loss']:.3f} -> {run['last_loss']:.3f}", flush=True)
                 write_json(args.out, dict(machine=machine(), steps=args.steps, warmup=args.warmup, parts=PARTS,
-                                          batch=[args.batch, args.seq], threads=args.threads, runs=runs, summary=summarize(runs)))
+                                          batch=[args.batch, args.seq], threads=args.threads, runs=runs,
+                                          summary=summarize(runs)))
     summary = summarize(runs)
     print(json.dumps(summary, indent=1))
 
