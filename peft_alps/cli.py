@@ -219,12 +219,23 @@ def main(argv=None) -> int:
     """Run the command line; return the exit code."""
     try:
         args = build_parser().parse_args(argv)
+        _quiet_optional_imports()
         return args.func(args)
     except CLIError as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
+
+
+def _quiet_optional_imports() -> None:
+    """PEFT imports torchao and bitsandbytes when they are installed (the ``quantization`` extra); they log
+    warnings about kernels this machine lacks (and torch about torchao's enums) on import. The command line prints
+    its own one-line errors only: raise those loggers to ERROR before a command loads PEFT."""
+    import logging
+
+    for name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def localize(args) -> int:

@@ -137,12 +137,13 @@ def smollm2_checkpoint_dir() -> Path:
 
 
 def load_smollm2(
-    dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"
+    dtype: torch.dtype = torch.float32, attn_implementation: str = "eager", **kwargs
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return a fresh (LlamaForCausalLM, tokenizer) for SmolLM2-135M-Instruct, loaded offline."""
+    """Return a fresh (LlamaForCausalLM, tokenizer) for SmolLM2-135M-Instruct, loaded offline. ``kwargs`` go to
+    ``from_pretrained``, e.g. ``quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True)``."""
     folder = smollm2_checkpoint_dir()
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True, **kwargs
     )
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model, tokenizer

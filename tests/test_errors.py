@@ -108,14 +108,17 @@ def test_adding_a_bad_second_adapter_leaves_the_first_intact():
     assert peft_alps.HeadMaskConfig is HeadMaskConfig
 
 
-def test_a_quantized_base_is_refused_before_wrapping():
-    """A projection whose weight is stored as integers (as 8-bit quantization stores it) is refused by name: the
-    slices would otherwise be read from and written into packed storage."""
+def test_an_unsupported_quantized_base_is_refused_before_wrapping():
+    """A projection whose weight no supported quantization backend reads (here raw int8 storage without a
+    backend's module or tensor type: nothing says how to dequantize it) is refused by name, with what is supported:
+    the slices would otherwise be read from and trained beside packed storage. Supported backends:
+    tests/test_quantized.py."""
     model = make_model("llama")
     q_proj = model.model.layers[1].self_attn.q_proj
     q_proj.weight = torch.nn.Parameter(torch.zeros(q_proj.weight.shape, dtype=torch.int8), requires_grad=False)
     snapshot = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.q_proj holds a quantized weight .*int8"):
+    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.q_proj is a Parameter weight of dtype int8.*"
+                                         r"Supported: bitsandbytes 8-bit"):
         get_peft_model(model, HeadMaskConfig(heads={1: [0]}))
     assert_untouched(model, snapshot)
     get_peft_model(model, HeadMaskConfig(heads={0: [0]}))  # layers with float weights still wrap

@@ -9,6 +9,12 @@ Two records, both written when an adapter is made or saved and checked when it i
   another dtype still matches: two fingerprints agree when every value differs by at most ``tol * norm``,
   ``tol`` = 1e-6 for equal dtypes and 4x the unit roundoff of the coarser dtype otherwise (bf16: 1.6e-2,
   fp16: 2e-3). A base that differs by less than that (a fine-tune that barely moved these slices) passes.
+  A quantized base (:mod:`peft_alps.tuner.quantized`) is sketched from its dequantized slices, its dtype recorded
+  as ``"int8"`` or ``"int4"``; fingerprints with one of those agree within 2^-4 (int8) or 2^-1 (int4), about
+  twice the largest deviation measured between SmolLM2-135M's fp32 slices and their quantized copies (0.033
+  bitsandbytes int8, 0.026 torchao int8, 0.26 bitsandbytes nf4), so an adapter trained on a quantized base
+  merges into the full-precision checkpoint it was quantized from, and the same quantization of the same base
+  matches exactly. Another base (another checkpoint, seed) deviates by about 1 in most slices and is still caught.
 * **Delta checksum** (``peft_alps_delta_sha256`` in the safetensors ``__metadata__`` of
   ``adapter_model.safetensors``): SHA-256 of the tensor entries (names, dtypes, shapes, offsets) and the data
   bytes. Any flipped bit in the tensors, or a renamed/reshaped tensor, changes it. Stamped by
@@ -30,6 +36,8 @@ from .safetensors import header_bytes, read_header
 
 CHECKSUM_KEY = "peft_alps_delta_sha256"
 _UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+# quantized bases (module docstring): relative deviation allowed against any other precision
+_QUANTIZED_TOLERANCE = {"int8": 2.0 ** -4, "int4": 2.0 ** -1}
 
 
 class IntegrityError(ValueError):
@@ -53,8 +61,9 @@ def sketch(base_slice: torch.Tensor) -> list[float]:
     return [float(f"{x:.8g}") for x in values]
 
 
-def fingerprint(sketches: dict, dtype: torch.dtype) -> dict:
-    """The record stored in the config: ``{"dtype": ..., "modules": {module name: sketch}}``."""
+def fingerprint(sketches: dict, dtype) -> dict:
+    """The record stored in the config: ``{"dtype": ..., "modules": {module name: sketch}}``; ``dtype``: a torch
+    dtype, or ``"int8"`` / ``"int4"`` for a quantized base."""
     return {"dtype": str(dtype).removeprefix("torch."), "modules": dict(sorted(sketches.items()))}
 
 
@@ -62,7 +71,10 @@ def mismatches(recorded: dict, current: dict) -> list[str]:
     """Modules whose base slices differ between two fingerprints, each as ``"name (deviation x)"``; [] if they
     agree. Modules present in only one of them are ignored (the caller checks the module set)."""
     dtypes = {recorded.get("dtype"), current.get("dtype")}
-    tol = 1e-6 if len(dtypes) == 1 else max(4 * max(_UNIT_ROUNDOFF.get(d, 2.0 ** -8) for d in dtypes), 1e-6)
+    if dtypes & set(_QUANTIZED_TOLERANCE):
+        tol = max(_QUANTIZED_TOLERANCE.get(d, 0.0) for d in dtypes)
+    else:
+        tol = 1e-6 if len(dtypes) == 1 else max(4 * max(_UNIT_ROUNDOFF.get(d, 2.0 ** -8) for d in dtypes), 1e-6)
     out = []
     for name, mine in current["modules"].items():
         theirs = recorded.get("modules", {}).get(name)

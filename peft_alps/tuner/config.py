@@ -56,13 +56,14 @@ class HeadMaskConfig(PeftConfig):
             "an inferred layout explicit."
         },
     )
-    forward_strategy: str = field(
-        default="merged",
+    forward_strategy: Optional[str] = field(
+        default=None,
         metadata={
-            "help": "'merged' (default): one matmul with the head slices merged into a temporary weight (custom "
+            "help": "'merged': one matmul with the head slices merged into a temporary weight (custom "
             "autograd): in bf16/fp16 the training forward equals the merged model bit for bit. 'output_add': base "
             "output plus x @ D^T added into the selected channels (no weight copy). Within noise of each other in "
-            "speed on CPU (benchmarks/README.md); mixed-adapter batches always add per sample."
+            "speed on CPU (benchmarks/README.md); mixed-adapter batches always add per sample. None (default): "
+            "'merged' on a floating-point base, 'output_add' on a quantized one (where 'merged' is refused)."
         },
     )
     delta_kind: str = field(
@@ -111,9 +112,10 @@ class HeadMaskConfig(PeftConfig):
         self.peft_type = PeftType.HEADMASK
         self.heads = normalise_heads(self.heads)
         self.parts = check_parts(self.parts)
-        if self.forward_strategy not in FORWARD_STRATEGIES:
+        if self.forward_strategy is not None and self.forward_strategy not in FORWARD_STRATEGIES:
             raise ValueError(
-                f"forward_strategy must be one of {FORWARD_STRATEGIES}, got {self.forward_strategy!r}."
+                f"forward_strategy must be one of {FORWARD_STRATEGIES} or None (chosen by the base), got "
+                f"{self.forward_strategy!r}."
             )
         delta_kind(self.delta_kind)  # ValueError naming the known kinds
         self.grad_mask_ratio = _check_grad_mask_ratio(self.grad_mask_ratio)

@@ -14,6 +14,9 @@ Per adapter ``a`` the layer holds
 * ``headmask_grad_mask_ratio[a]``: GMT ratio; if > 0 the layer is tracked by :mod:`peft_alps.tuner.gmt`, which
   masks the small gradients of ``a``'s tensors before each optimizer step.
 
+A quantized base projection (:mod:`peft_alps.tuner.quantized`) has a PEFT ``quantization_backend``: its adapters
+run ``"output_add"`` only, ``get_delta_weight`` reads the dequantized weight, and merging is refused.
+
 Everything that applies an adapter goes through its *slice update* ``(D, bias update)``
 (:meth:`HeadMaskLayer.slice_update`): the effective weight is ``W`` with the selected slices replaced by
 ``merged_slice(W_slice, D)`` (:func:`~peft_alps.heads.delta.merged_slice`); forward, merge and export all use
@@ -35,6 +38,7 @@ from ..heads.delta import TENSOR_PREFIX, DenseSlice, delta_kind, merged_slice
 from ..heads.layout import linear_dim, linear_frame
 from . import gmt
 from .mixed_batch import BASE, check_layer_call
+from .quantized import dequantized_weight, merge_refusal, quantization_backend
 
 
 def apply_slices(weight, bias, slices, updates):
@@ -116,6 +120,8 @@ class HeadMaskLayer(BaseTunerLayer):
             raise TypeError(f"HeadMask can wrap nn.Linear or transformers Conv1D modules, got {type(base).__name__}.")
         self.is_conv1d = isinstance(base, Conv1D)
         self.in_features, self.out_features = _get_in_out_features(base)
+        self.quantization_backend = quantization_backend(base, get_apply_tensor_subclass=kwargs.get(
+            "get_apply_tensor_subclass"))
 
     def update_layer(self, adapter_name, channels, axis, config, inference_mode=False) -> None:
         """Add adapter ``adapter_name`` training ``channels`` along ``axis`` (``"out"`` rows / ``"in"`` columns),
@@ -137,12 +143,22 @@ class HeadMaskLayer(BaseTunerLayer):
         self.headmask_index[adapter_name] = torch.tensor(channels, dtype=torch.long)
         self.headmask_axis[adapter_name] = axis
         self.headmask_kind[adapter_name] = kind.name
-        self.headmask_strategy[adapter_name] = config.forward_strategy
+        self.headmask_strategy[adapter_name] = self._strategy(config.forward_strategy)
         self.headmask_grad_mask_ratio[adapter_name] = config.grad_mask_ratio
         if config.grad_mask_ratio > 0:
             gmt.track(self)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _strategy(self, requested) -> str:
+        """The forward strategy of a config's ``forward_strategy``: None means ``"merged"`` on a floating-point base,
+        ``"output_add"`` on a quantized one, where ``"merged"`` is refused (it needs the full weight)."""
+        if requested is None:
+            return "merged" if self.quantization_backend is None else "output_add"
+        if requested == "merged" and self.quantization_backend is not None:
+            raise ValueError("forward_strategy='merged' needs the full weight, which a quantized base does not have: "
+                             "use 'output_add' or leave it unset.")
+        return requested
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         """PEFT's move of the adapter to the base layer's device and dtype, with the index only moved: PEFT < 0.21
@@ -184,7 +200,7 @@ class HeadMaskLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense ``[out, in]`` update (nn.Linear frame) that merging ``adapter_name`` adds to the weight."""
         slices, updates = self._slices([adapter_name], detach=True)
-        w = self.linear_weight().detach()
+        w = dequantized_weight(self.get_base_layer(), self.quantization_backend, self.is_conv1d).detach()
         return apply_slices(w, None, slices, (updates[0], None))[0] - w
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
@@ -195,8 +211,11 @@ class HeadMaskLayer(BaseTunerLayer):
 
     # ----- merge -----
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Write the adapters' slices into the base weight; the original slices are kept for unmerge."""
+        """Write the adapters' slices into the base weight; the original slices are kept for unmerge. Refused
+        (RuntimeError, nothing merged) on a quantized base: :func:`peft_alps.tuner.quantized.merge_refusal`."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        if adapter_names and self.quantization_backend is not None:
+            raise merge_refusal("this projection")
         base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.headmask_kind:
@@ -301,6 +320,10 @@ class Linear(nn.Module, HeadMaskLayer):
 
     def __repr__(self) -> str:
         return "headmask." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        return "" if self.quantization_backend is None else \
+            f"quantization_backend='{self.quantization_backend.backend_name}'"
 
 
 def head_slice_forward(layer: HeadMaskLayer, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:

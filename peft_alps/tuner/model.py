@@ -9,13 +9,14 @@ from transformers.pytorch_utils import Conv1D
 
 from ..heads.delta import delta_kind
 from ..heads.infer import infer_layout
-from ..heads.layout import HeadLayout, linear_dim, linear_frame, resolve_layout
+from ..heads.layout import HeadLayout, linear_dim, resolve_layout
 from ..heads.modules import base_layer, is_dtensor, is_zero3_partition, projection_shapes
 from ..io.adapter import AdapterError, check_weights, expected_tensors
 from ..io.integrity import check_file, check_fingerprint, fingerprint, sketch
 from .config import HeadMaskConfig
 from .layer import HeadMaskLayer, Linear
 from .loading import expect_complete_loads
+from .quantized import dequantized_weight, merge_refusal, precision, quantization_backend
 from .mixed_batch import BASE, mixed_batch_hooks
 from .mixture import weighted_adapter
 
@@ -71,17 +72,22 @@ def head_tensors(config: HeadMaskConfig, targets: dict, modules: dict) -> dict[s
     return expected_tensors(delta_kind(config.delta_kind), projections)
 
 
-def check_not_quantized(targets: dict, modules: dict) -> None:
-    """Head slices are read from and written into the base weight as real numbers: refuse a quantized projection
-    (an integer weight, e.g. bitsandbytes int8, or a tensor subclass other than a DTensor shard, e.g. torchao's
-    quantized tensors) before anything is wrapped, instead of training on its packed storage."""
+def quantized_targets(config: HeadMaskConfig, targets: dict, modules: dict) -> dict:
+    """Full module name -> PEFT quantization backend of every quantized projection in ``targets``
+    (:mod:`peft_alps.tuner.quantized`). ValueError, before anything is wrapped, for a quantization head-mask adapters
+    cannot train on (naming the module and what is supported), or for ``forward_strategy="merged"`` on a quantized
+    base (it needs the full weight)."""
+    backends = {}
     for name in targets:
-        weight = base_layer(modules[name]).weight
-        plain = type(weight) in (torch.Tensor, nn.Parameter) or is_dtensor(weight)
-        if not weight.is_floating_point() or not plain:
-            raise ValueError(f"{name} holds a quantized weight ({type(weight).__name__}, {weight.dtype}): head-mask "
-                             f"adapters need a floating-point base for now. Load the base in bf16/fp16/fp32 (no "
-                             f"quantization_config); nothing was wrapped.")
+        backend = quantization_backend(base_layer(modules[name]), name)
+        if backend is not None:
+            backends[name] = backend
+    if backends and config.forward_strategy == "merged":
+        raise ValueError(f"forward_strategy='merged' merges the head slices into a temporary copy of the full weight, "
+                         f"which {next(iter(backends))} (quantized) cannot give without dequantizing it at every "
+                         f"step: use forward_strategy='output_add', or leave it unset (None: 'output_add' on a "
+                         f"quantized base). Nothing was wrapped.")
+    return backends
 
 
 def check_weights_file(path, expected: dict) -> None:
@@ -94,33 +100,35 @@ def check_weights_file(path, expected: dict) -> None:
     check_file(path, warn=True)
 
 
-def base_fingerprint(targets: dict, modules: dict) -> dict | None:
+def base_fingerprint(targets: dict, modules: dict, backends: dict | None = None) -> dict | None:
     """:func:`peft_alps.io.integrity.fingerprint` of the base slices ``targets`` selects, keyed ``<module>.weight`` /
-    ``<module>.bias``; None if a weight is not a real floating-point tensor (meta device, quantized). DeepSpeed
-    ZeRO-3 partitions weights (``zero.Init``): they are gathered while read (PEFT's ``gather_params_ctx``, a no-op
-    otherwise; every rank runs get_peft_model)."""
+    ``<module>.bias``; None on the meta device. A quantized projection (``backends``: :func:`quantized_targets`) is
+    sketched from its dequantized weight, and the fingerprint's dtype is its precision (``"int8"``/``"int4"``, the
+    coarsest if several). DeepSpeed ZeRO-3 partitions weights (``zero.Init``): they are gathered while read (PEFT's
+    ``gather_params_ctx``, a no-op otherwise; every rank runs get_peft_model)."""
     from peft.utils.integrations import gather_params_ctx
 
     bases = [base_layer(modules[name]) for name in targets]
     params = [p for base in bases for p in (base.weight, base.bias) if p is not None]
     with gather_params_ctx(params, modifier_rank=None):
-        return _fingerprint(targets, modules)
+        return _fingerprint(targets, modules, backends or {})
 
 
-def _fingerprint(targets: dict, modules: dict) -> dict | None:
-    sketches, dtype = {}, None
+def _fingerprint(targets: dict, modules: dict, backends: dict) -> dict | None:
+    sketches, dtypes = {}, set()
     for name, (channels, axis) in targets.items():
         base = base_layer(modules[name])
         weight = base.weight
-        if not weight.is_floating_point() or weight.device.type == "meta":
+        if weight.device.type == "meta" or (name not in backends and not weight.is_floating_point()):
             return None
         idx = torch.tensor(channels, device=weight.device)
-        sketches[f"{name}.weight"] = sketch(linear_frame(weight, isinstance(base, Conv1D)).index_select(
-            linear_dim(axis), idx))
+        full = dequantized_weight(base, backends.get(name), isinstance(base, Conv1D))
+        sketches[f"{name}.weight"] = sketch(full.index_select(linear_dim(axis), idx))
         if axis == "out" and base.bias is not None:
             sketches[f"{name}.bias"] = sketch(base.bias.index_select(0, idx))
-        dtype = weight.dtype
-    return fingerprint(sketches, dtype)
+        dtypes.add(precision(base) if name in backends else weight.dtype)
+    quantized = sorted(d for d in dtypes if isinstance(d, str))  # "int4" before "int8": the coarsest
+    return fingerprint(sketches, quantized[0] if quantized else dtypes.pop())
 
 
 class HeadMaskModel(BaseTuner):
@@ -158,11 +166,11 @@ class HeadMaskModel(BaseTuner):
         layout, names = model_layout(peft_config, model)
         targets = module_targets(peft_config, layout, names)
         modules = dict(model.named_modules())
-        check_not_quantized(targets, modules)
+        backends = quantized_targets(peft_config, targets, modules)
         weights_file = getattr(peft_config, "_weights_file", None)
         if weights_file is not None:
             check_weights_file(weights_file, head_tensors(peft_config, targets, modules))
-        current = base_fingerprint(targets, modules)
+        current = base_fingerprint(targets, modules, backends)
         if current is not None:
             if peft_config.base_fingerprint is None:
                 peft_config.base_fingerprint = current
@@ -217,8 +225,17 @@ class HeadMaskModel(BaseTuner):
                                f"checkpoint with peft_alps.merge_checkpoint (streamed, file to file), or load base "
                                f"and adapter in one process and merge_and_unload there. Nothing was merged.")
 
+    def _check_not_quantized(self) -> None:
+        """Merging into a quantized weight is refused (:func:`peft_alps.tuner.quantized.merge_refusal`), before
+        any write."""
+        quantized = next((name for name, module in self.model.named_modules() if isinstance(module, HeadMaskLayer)
+                          and module.quantization_backend is not None), None)
+        if quantized is not None:
+            raise merge_refusal(quantized)
+
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
         self._check_not_sharded()
+        self._check_not_quantized()
         if safe_merge:
             self._check_finite(adapter_names)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
@@ -226,6 +243,7 @@ class HeadMaskModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
             self._check_not_sharded()
+            self._check_not_quantized()
         if merge and safe_merge:
             self._check_finite(adapter_names)
         return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
