@@ -23,8 +23,8 @@ Design (defaults; the run saves the values it used):
   process around one routing call, in MB).
 * Seeds ``--seeds`` (default 0 1); every (seed, method) result is cached in ``--out`` as soon as it is done and
   skipped on a re-run, so the study resumes after an interruption.
-* Budget on 2 idle CPU cores with the defaults: ~1 s per step -> 3 methods x 160 steps x 2 seeds ~ 16 min,
-  plus gradient features (~0.3 s per example) and decoding (~3 min): ~30 min.
+* Budget on 2 idle CPU cores with the defaults: ~1 s per step -> 4 methods x <= 96 steps x 2 seeds ~ 12 min,
+  plus gradient features (144 training and 48 held-out prompts, ~0.3 s each) and decoding: ~30 min.
 
 Usage: ``python benchmarks/ensemble.py [--quick]`` (``--quick``: a few steps and examples, to check it runs).
 """
@@ -231,9 +231,9 @@ def summarize(results: list[dict]) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--train", type=int, default=64, help="training examples per family")
-    ap.add_argument("--heldout", type=int, default=32, help="held-out examples per family")
-    ap.add_argument("--steps", type=int, default=160)
+    ap.add_argument("--train", type=int, default=48, help="training examples per family")
+    ap.add_argument("--heldout", type=int, default=16, help="held-out examples per family")
+    ap.add_argument("--steps", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dim", type=int, default=256)
