@@ -508,10 +508,12 @@ def select_data_command(args) -> int:
             from peft import PeftModel  # HEADMASK is registered: importing .data_selection loaded PEFT
 
             model = PeftModel.from_pretrained(model, args.adapter)
-        encoder = (AutoModel.from_pretrained(args.encoder), AutoTokenizer.from_pretrained(args.encoder)) \
-            if args.encoder else (None, None)
+        embed = None
+        if args.encoder:  # else select_data's default, MiniLM
+            encoder = AutoModel.from_pretrained(args.encoder), AutoTokenizer.from_pretrained(args.encoder)
+            embed = lambda xs: embed_texts(xs, *encoder, progress=progress)  # noqa: E731
         selection = select_data(texts, model, tokenizer, reference, budget=args.budget, clusters=args.clusters,
-                                seed=args.seed, embed=lambda xs: embed_texts(xs, *encoder, progress=progress),
+                                seed=args.seed, embed=embed,
                                 neighbors=args.neighbors,
                                 conflicts=not args.no_conflicts, batch_size=args.batch_size,
                                 max_length=args.max_length, progress=progress)
