@@ -74,11 +74,13 @@ def train(model, batches, steps, lr):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--examples", type=int, default=200, help="gsm_symbolic pool (default: %(default)s)")
-    parser.add_argument("--probe-steps", type=int, default=20)
-    parser.add_argument("--train-steps", type=int, default=30)
-    parser.add_argument("--recovery-steps", type=int, default=10)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--examples", type=int, default=120, help="gsm_symbolic pool (default: %(default)s)")
+    parser.add_argument("--general", type=int, default=120, help="docstring pool (default: %(default)s)")
+    parser.add_argument("--held", type=int, default=24, help="held-out texts of each kind (default: %(default)s)")
+    parser.add_argument("--probe-steps", type=int, default=8)
+    parser.add_argument("--train-steps", type=int, default=12)
+    parser.add_argument("--recovery-steps", type=int, default=5)
+    parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "data_selection_eval.json"))
@@ -104,10 +106,10 @@ def main() -> None:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     kw = dict(batch_size=args.batch_size, max_length=args.max_length)
-    task = gsm_symbolic_texts(args.examples + 40, seed=0)
+    task = gsm_symbolic_texts(args.examples + args.held, seed=0)
     task, task_held = task[:args.examples], task[args.examples:]
-    general = stdlib_docstrings(TRAIN_MODULES)
-    general_held = stdlib_docstrings(HELD_OUT_MODULES)[:40]
+    general = stdlib_docstrings(TRAIN_MODULES)[::2][:args.general]  # every other one: all 16 modules
+    general_held = stdlib_docstrings(HELD_OUT_MODULES)[:args.held]
     if args.quick:
         general, general_held, task_held = general[:40], general_held[:8], task_held[:8]
     k = max(1, round(RATIO * len(task)))

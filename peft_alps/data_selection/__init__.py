@@ -6,6 +6,6 @@ degraded most, spread over capability groups, for probe fine-tunes, head trainin
 and ``select`` (budget allocation, ranking, the selection itself).
 """
 
-from .select import ClusterStats, Selection, allocate_budget, rank_in_cluster, select_data
+from .select import ClusterStats, DataSelection, allocate_budget, rank_in_cluster, select_data
 
-__all__ = ["ClusterStats", "Selection", "allocate_budget", "rank_in_cluster", "select_data"]
+__all__ = ["ClusterStats", "DataSelection", "allocate_budget", "rank_in_cluster", "select_data"]

@@ -39,7 +39,7 @@ class ClusterStats:
 
 
 @dataclass
-class Selection:
+class DataSelection:
     """What :func:`select_data` chose. ``indices``: positions in ``texts``, in the order they were taken;
     ``labels`` ``[N]``: cluster of every text; ``degradation`` ``[N]`` and ``lengths`` ``[N]`` (tokens, or
     words when no model was given): what the ranking used; ``clusters``: per-cluster statistics;
@@ -133,7 +133,7 @@ def _array(value, n: int, name: str, dims: int) -> np.ndarray:
 def select_data(texts: list[str], model=None, tokenizer=None, reference=None, *, budget=0.1, clusters: int = 10,
                 seed: int = 0, embed=None, embeddings=None, degradation=None, lengths=None, neighbors: int = 15,
                 conflicts: bool = True, max_concepts: int | None = None, batch_size: int = 4,
-                max_length: int = 256, progress: bool | None = None) -> Selection:
+                max_length: int = 256, progress: bool | None = None) -> DataSelection:
     """Choose ``budget`` of ``texts`` where ``model`` degraded most, spread over capability groups (PASER).
 
     ``texts``: N strings. ``model``/``tokenizer``: a causal LM scored on the texts (module docstring of
@@ -145,7 +145,7 @@ def select_data(texts: list[str], model=None, tokenizer=None, reference=None, *,
     ``degradation`` ``[N]`` (>= 0) precomputed instead of a model, with optional ``lengths`` ``[N]`` (default:
     words per text). ``neighbors``: k of the kNN graph. ``conflicts``: apply the concept-graph filter;
     ``max_concepts``: keep each sample's best RAKE phrases only (None: all, as the authors do).
-    Returns a :class:`Selection`; deterministic for a given ``seed``.
+    Returns a :class:`DataSelection`; deterministic for a given ``seed``.
     """
     if isinstance(texts, str) or not len(texts):
         raise ValueError("texts must be a non-empty list of strings.")
@@ -236,13 +236,8 @@ def select_data(texts: list[str], model=None, tokenizer=None, reference=None, *,
         stats[c].selected = int(taken[members[c]].sum())
         stats[c].rejected = sum(1 for i in members[c] if i in rejected)
     seconds["select"] = time.perf_counter() - t
-    return Selection(indices=chosen, budget=count, labels=labels, degradation=degradation,
+    return DataSelection(indices=chosen, budget=count, labels=labels, degradation=degradation,
                      lengths=np.asarray(lengths), clusters=stats, mode=mode, seconds=seconds)
 
 
-def fraction_budget(fraction: float, n: int) -> int:
-    """The number of samples a fractional budget means for ``n`` texts: ``max(1, round(fraction * n))``."""
-    return _budget_count(float(fraction), n)
-
-
-__all__ = ["ClusterStats", "Selection", "allocate_budget", "fraction_budget", "rank_in_cluster", "select_data"]
+__all__ = ["ClusterStats", "DataSelection", "allocate_budget", "rank_in_cluster", "select_data"]

@@ -44,7 +44,7 @@ def probe_task_model(model, data, steps: int = 50, lr: float = 1e-4, attention_o
     shapes). It names the q/k/v/o weights; pass the same ``layout`` to ``score_heads`` with the result
     (``ProbeWeights`` does not record it).
     ``select``: train on these items of ``data`` only, in this order: indices, or a
-    :class:`~peft_alps.data_selection.Selection` (its ``indices``) from ``select_data`` on the texts that
+    :class:`~peft_alps.data_selection.DataSelection` (its ``indices``) from ``select_data`` on the texts that
     ``data`` batches one per batch (the paper's probe on ~10% of the data; see the README's PASER section).
     """
     if hasattr(model, "get_base_model"):
