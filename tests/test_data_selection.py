@@ -355,3 +355,14 @@ def test_cli_localize_select_probes_on_the_selection(folder, tmp_path, monkeypat
     want = score_heads(str(root / "model"), probe_task_model(model, text_batches(tok, chosen, 4, 256), steps=2,
                                                              lr=1e-2))
     torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=0)
+
+
+def test_select_data_help_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from peft_alps import cli; assert cli.main(['select-data', '--help']) == 0; "
+            "assert 'torch' not in sys.modules, 'torch loaded'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "--budget" in out.stdout and "--adapter" in out.stdout
