@@ -366,3 +366,18 @@ def test_select_data_help_loads_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "--budget" in out.stdout and "--adapter" in out.stdout
+
+
+def test_embeddings_are_mean_pooled_and_normalised_whatever_the_batching():
+    from peft_alps.data_selection.embed import embed_texts
+
+    torch.manual_seed(0)
+    encoder = tf.BertModel(tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=48, max_position_embeddings=64)).eval()
+    tok = char_tokenizer()
+    got = embed_texts(TEXTS, encoder, tok, batch_size=4, progress=False)
+    for text, row in zip(TEXTS, got):  # each text alone: no padding, a plain mean over its tokens
+        with torch.no_grad():
+            hidden = encoder(**tok(text, return_tensors="pt")).last_hidden_state[0]
+        want = hidden.mean(0) / hidden.mean(0).norm()
+        np.testing.assert_allclose(row, want.numpy(), rtol=1e-4, atol=1e-5)
