@@ -28,12 +28,15 @@ _LAZY = {
     "HeadScores": "scoring.scores", "score_heads": "scoring.weight_scores", "ProbeWeights": "scoring.sources",
     "probe_task_model": "scoring.probe", "gradient_head_scores": "scoring.gradient_scores",
     "layer_consistent_heads": "scoring.selection", "random_heads": "scoring.selection",
-    "select_heads": "scoring.selection", "adapter_mixture": "tuner.mixture", "export_lora": "deploy.export", "merge_checkpoint": "deploy.merge",
+    "select_heads": "scoring.selection", "adapter_mixture": "tuner.mixture", "select_data": "data_selection.select",
+    "DataSelection": "data_selection.select", "ClusterStats": "data_selection.select",
+    "export_lora": "deploy.export", "merge_checkpoint": "deploy.merge",
 }
-__all__ = ["ARCHITECTURES", "adapter_mixture", "HeadDelta", "HeadLayout", "HeadMaskConfig", "HeadMaskLayer", "HeadMaskModel",
-           "HeadScores", "LayoutCheck", "LayoutError", "ProbeWeights", "architecture_table", "check_layout",
-           "export_lora", "gradient_head_scores", "infer_layout", "layer_consistent_heads", "merge_checkpoint", "probe_task_model", "random_heads", "register_delta_kind",
-           "score_heads", "select_heads"]
+__all__ = ["ARCHITECTURES", "ClusterStats", "DataSelection", "HeadDelta", "HeadLayout", "HeadMaskConfig",
+           "HeadMaskLayer", "HeadMaskModel", "HeadScores", "LayoutCheck", "LayoutError", "ProbeWeights",
+           "adapter_mixture", "architecture_table", "check_layout", "export_lora", "gradient_head_scores",
+           "infer_layout", "layer_consistent_heads", "merge_checkpoint", "probe_task_model", "random_heads",
+           "register_delta_kind", "score_heads", "select_data", "select_heads"]
 # submodules that load without PEFT: the command line, whose commands import the rest when they run
 _WITHOUT_PEFT = frozenset({f"{__name__}.cli", f"{__name__}.__main__"})
 

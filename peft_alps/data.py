@@ -60,3 +60,37 @@ def gsm_symbolic_texts(n: int, seed: int = 0) -> list[str]:
 
     data = reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed)
     return [f"{x['question']}\n{x['metadata']['answer_cot']}" for x in data]
+
+
+def stdlib_docstrings(modules: list[str]) -> list[str]:
+    """General English text with no download: the module docstring and the public functions' and classes'
+    docstrings of the given standard-library ``modules`` (e.g. ``["json", "csv"]``), one string each, stripped,
+    empty ones dropped, in module then name order."""
+    import importlib
+    import warnings
+
+    docs = []
+    for name in modules:
+        mod = importlib.import_module(name)
+        docs.append(mod.__doc__ or "")
+        with warnings.catch_warnings():  # some attributes are deprecated aliases
+            warnings.simplefilter("ignore")
+            objs = [obj for attr, obj in sorted(vars(mod).items()) if not attr.startswith("_") and callable(obj)
+                    and getattr(obj, "__module__", None) == name]
+            docs += [obj.__doc__ for obj in objs if isinstance(obj.__doc__, str)]
+    return [d.strip() for d in docs if d and d.strip()]
+
+
+def recovery_texts(model, tokenizer, texts: list[str], budget=0.1, reference=None, **options) -> list[str]:
+    """A recovery set: the ``budget`` of general ``texts`` on which the adapted ``model`` drifted most from its
+    base (PASER's setting), chosen by :func:`peft_alps.data_selection.select_data`.
+
+    ``model``: a PeftModel (compared with its own disabled adapter) or any causal LM with ``reference`` (the
+    base). ``budget``: an int (texts) or a fraction in (0, 1]. ``options``: passed to ``select_data``
+    (``clusters``, ``seed``, ``embed``, ``batch_size``, ``max_length``, ``progress``, ...). Returns the chosen
+    texts, most drifted cluster first."""
+    if reference is None and not (hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")):
+        raise ValueError("recovery_texts measures drift from the base: pass a PeftModel, or reference=<base model>.")
+    from .data_selection import select_data
+
+    return select_data(texts, model, tokenizer, reference, budget=budget, **options).texts(texts)

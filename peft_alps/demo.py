@@ -13,9 +13,7 @@ Text: docstrings of Python standard-library modules (real English prose).
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from .tuner.config import HeadMaskConfig
 from .tuner.layer import HeadMaskLayer
 from .scoring.weight_scores import score_heads
 from .deploy.merge import merge_checkpoint
+from .data import stdlib_docstrings
 from .pretrained import load_smollm2, smollm2_checkpoint_dir
 from .scoring.probe import probe_task_model
 from .scoring.selection import random_heads, select_heads
@@ -37,16 +36,7 @@ HELD_OUT_MODULES = ["csv", "textwrap", "shutil", "random"]
 
 def stdlib_text(modules: list[str]) -> str:
     """Module and public-function docstrings of the given standard-library modules."""
-    parts = []
-    for name in modules:
-        mod = importlib.import_module(name)
-        parts.append(mod.__doc__ or "")
-        with warnings.catch_warnings():  # some attributes are deprecated aliases
-            warnings.simplefilter("ignore")
-            objs = [obj for attr, obj in sorted(vars(mod).items()) if not attr.startswith("_") and callable(obj)
-                    and getattr(obj, "__module__", None) == name]
-            parts += [obj.__doc__ for obj in objs if isinstance(obj.__doc__, str)]
-    return "\n\n".join(p.strip() for p in parts if p and p.strip())
+    return "\n\n".join(stdlib_docstrings(modules))
 
 
 def chunks(tokenizer, text: str, seq: int) -> torch.Tensor:

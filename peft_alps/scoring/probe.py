@@ -29,7 +29,8 @@ def _attention_parameters(model, layout: HeadLayout, parts: str) -> dict[str, to
 
 
 def probe_task_model(model, data, steps: int = 50, lr: float = 1e-4, attention_only: bool = True,
-                     weight_decay: float = 0.0, loss_fn=None, progress: bool = False, layout=None) -> ProbeWeights:
+                     weight_decay: float = 0.0, loss_fn=None, progress: bool = False, layout=None,
+                     select=None) -> ProbeWeights:
     """Fine-tune ``model`` for ``steps`` AdamW steps on ``data``; return its trained q/k/v weights and put
     the model back as it was (weights, ``requires_grad`` flags, train/eval mode), also on error.
 
@@ -42,6 +43,9 @@ def probe_task_model(model, data, steps: int = 50, lr: float = 1e-4, attention_o
     HeadLayout or its dict, checked against the config's layout if there is one and against the module
     shapes). It names the q/k/v/o weights; pass the same ``layout`` to ``score_heads`` with the result
     (``ProbeWeights`` does not record it).
+    ``select``: train on these items of ``data`` only, in this order: indices, or a
+    :class:`~peft_alps.data_selection.DataSelection` (its ``indices``) from ``select_data`` on the texts that
+    ``data`` batches one per batch (the paper's probe on ~10% of the data; see the README's PASER section).
     """
     if hasattr(model, "get_base_model"):
         raise TypeError("probe_task_model needs the plain transformers model, not a PeftModel: pass "
@@ -51,6 +55,13 @@ def probe_task_model(model, data, steps: int = 50, lr: float = 1e-4, attention_o
     data = list(data)
     if not data:
         raise ValueError("data is empty: pass a list of batches (peft_alps.data.text_batches makes them).")
+    if select is not None:
+        chosen = list(getattr(select, "indices", select))
+        bad = [i for i in chosen if isinstance(i, bool) or not hasattr(i, "__index__") or not 0 <= i < len(data)]
+        if not chosen or bad:
+            raise ValueError(f"select must be non-empty indices into data (0..{len(data) - 1}); got "
+                             f"{bad[:3] if bad else 'none'}.")
+        data = [data[int(i)] for i in chosen]
     config = getattr(model, "config", None)
     layout = scoring_layout(config, layout, "probe_task_model", model=model)
     check_source(layout, ModuleSource(model), config, PARTS, type(model).__name__)
