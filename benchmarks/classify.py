@@ -174,7 +174,7 @@ def study_probe(args, results: Results):
                            probe_loss_last=probe.losses[-1], probe_seconds=probe.seconds)
                 results.add(key, rec)
         key = f"probe/seed{seed}/random"
-        if not results.has(key):
+        if not results.has(key) and not args.no_random:
             config = load_classifier(seed, id2label, label2id).config
             heads = random_heads(config.num_hidden_layers, config.num_attention_heads, ratio=RATIO, seed=seed)
             rec = headmask_accuracy(seed, id2label, label2id, heads, train_b, test_b, args.steps, args.train_lr)
@@ -278,6 +278,7 @@ def main() -> None:
     parser.add_argument("--lm-max-length", type=int, default=96)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on 2 shared cores two "
                         "threads made a MiniLM step 10x slower)")
+    parser.add_argument("--no-random", action="store_true", help="probe study: skip the random-heads reference")
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "classify.json"))
     args = parser.parse_args()

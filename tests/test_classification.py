@@ -84,11 +84,13 @@ def card_snippet(folder, adapter):
     return body.split("```python\n")[1].split("```")[0].replace("ADAPTER_REPO_OR_FOLDER", str(adapter))
 
 
-@pytest.mark.parametrize("task", ["classifier", "causal_lm"])
+@pytest.mark.parametrize("task", ["classifier", "causal_lm", pytest.param("minilm", marks=pytest.mark.real_model)])
 def test_card_snippet_runs_as_written(task, encoder, tmp_path):
     inputs = make_inputs()
-    if task == "classifier":
-        base, adapter = encoder, tmp_path / "adapter"
+    if task in ("classifier", "minilm"):  # minilm: the real all-MiniLM-L6-v2 checkpoint, which has no classifier
+        from peft_alps.pretrained import minilm_dir
+
+        base, adapter = encoder if task == "classifier" else minilm_dir(), tmp_path / "adapter"
         pm = classifier_adapter(base, adapter)
     else:
         base, adapter = tmp_path / "llama", tmp_path / "adapter"
@@ -101,7 +103,7 @@ def test_card_snippet_runs_as_written(task, encoder, tmp_path):
     torch.save((inputs, expected), tmp_path / "io.pt")
     snippet = card_snippet(adapter, adapter)
     assert f'from_pretrained("{base}"' in snippet  # the card names the base it was made on
-    assert ("num_labels=5" in snippet) == (task == "classifier")
+    assert ("num_labels=5" in snippet) == (task != "causal_lm")
     script = snippet + textwrap.dedent("""
         import sys, torch
         inputs, expected = torch.load(sys.argv[1])
@@ -115,7 +117,7 @@ def test_card_snippet_runs_as_written(task, encoder, tmp_path):
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "io.pt")], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    if task == "classifier":
+    if task != "causal_lm":
         assert "ok 5 {0: 'business'" in run.stdout
 
 
