@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "prompt+completion, instruction+output, ...) or a text file with one example per line: a "
                    "causal LM (a decoder) or a masked LM (an encoder with its MLM head) learns the text; .jsonl "
                    "lines {\"text\": ..., \"label\": ...} (label a name or an integer): BASE becomes a sequence "
-                   "classifier with one output per label (a new head on an encoder checkpoint), which the probe "
-                   "trains along with attention")
+                   "classifier with one output per label (a new, seeded head on an encoder checkpoint; the probe "
+                   "trains attention only)")
     d.add_argument("--scorer", choices=("probe", "gradient"), default="probe",
                    help="probe: fine-tune BASE's attention for --steps and score with --metric (default); "
                    "gradient: sum of |g| (or --kind) over each head's q/k/v weights on the data")

@@ -170,8 +170,8 @@ def test_probe_trains_the_task_head_and_restores_everything(encoder):
     model = tf.AutoModelForSequenceClassification.from_pretrained(  # no dropout: the probe runs in train mode
         encoder, num_labels=5, attn_implementation="eager", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    frozen = probe_task_model(model, batches, steps=4, lr=1e-2, train_head=False)
-    trained = probe_task_model(model, batches, steps=4, lr=1e-2)  # "auto": the classifier trains too
+    frozen = probe_task_model(model, batches, steps=4, lr=1e-2)  # the default: attention only, head frozen
+    trained = probe_task_model(model, batches, steps=4, lr=1e-2, train_head="auto")  # the classifier trains too
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
     # the same first step (the head's gradient does not change the attention step), then the heads diverge
