@@ -2,6 +2,7 @@
 
     peft-alps localize BASE TASK --ratio 0.1 --out heads/
     peft-alps localize BASE --data train.jsonl --ratio 0.1 --out heads/
+    peft-alps localize ENCODER --data labelled.jsonl --out heads/     # {"text": ..., "label": ...} lines
     peft-alps check-layout MODEL_DIR_OR_CONFIG
     peft-alps select-data TEXTS --model DIR --budget 0.1 --out chosen/
 
@@ -61,12 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
         "HeadMaskConfig(heads=json.load(open('heads/heads.json'))['heads'])",
     )
     p.add_argument("base", metavar="BASE", help="base model: a local checkpoint folder (config.json + safetensors; "
-                   "with --data also a tokenizer, and a causal LM)")
+                   "with --data also a tokenizer)")
     p.add_argument("task", metavar="TASK", nargs="?", help="task model of the same architecture and shapes (local "
                    "folder): a fine-tune, a domain variant, or a probe fine-tune of BASE; omit it with --data")
     d = p.add_argument_group("without a task model (--data)")
     d.add_argument("--data", metavar="FILE", help="task examples: .jsonl (fields text, question+answer, "
-                   "prompt+completion, instruction+output, ...) or a text file with one example per line")
+                   "prompt+completion, instruction+output, ...) or a text file with one example per line: a "
+                   "causal LM (a decoder) or a masked LM (an encoder with its MLM head) learns the text; .jsonl "
+                   "lines {\"text\": ..., \"label\": ...} (label a name or an integer): BASE becomes a sequence "
+                   "classifier with one output per label (a new, seeded head on an encoder checkpoint; the probe "
+                   "trains attention only)")
     d.add_argument("--scorer", choices=("probe", "gradient"), default="probe",
                    help="probe: fine-tune BASE's attention for --steps and score with --metric (default); "
                    "gradient: sum of |g| (or --kind) over each head's q/k/v weights on the data")
@@ -76,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=1e-4, help="probe AdamW learning rate (default: %(default)s)")
     d.add_argument("--batch-size", type=int, default=4, help="examples per batch (default: %(default)s)")
     d.add_argument("--max-length", type=int, default=256, help="tokens per example (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="seeds a new classifier head's initialisation and the "
+                   "masked-LM masking, so a run is repeatable (default: %(default)s)")
     d.add_argument("--kind", choices=("grad", "grad_x_weight", "fisher"), default="grad",
                    help="gradient scorer: sum |g|, sum |g * w| or sum g^2 (default: %(default)s)")
     d.add_argument("--select", type=_budget, metavar="BUDGET", help="PASER data selection (see select-data): "
@@ -333,26 +340,7 @@ def _score(args) -> HeadScores:
     if args.task is not None:
         return score_heads(args.base, args.task, metric=args.metric, representation=args.representation,
                            tau=args.tau, progress=progress)
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .data import read_texts, text_batches
-
-    texts = read_texts(args.data, limit=args.examples)
-    transformers.logging.set_verbosity_error()  # our own one-line errors and summary only
-    transformers.logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(args.base)
-    model, info = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32, attn_implementation="eager",
-                                                       output_loading_info=True)
-    if info["missing_keys"]:  # e.g. an encoder (BERT) loaded with a new, random LM head
-        raise ValueError(f"--data needs a causal language model, but BASE has no weights for "
-                         f"{sorted(info['missing_keys'])[:3]}; score against a TASK model instead")
-    if args.select is not None:  # PASER selection of the probe data (select-data)
-        texts = _select_texts(texts, model, tokenizer, args.select, progress, args.max_length)
-    batches = text_batches(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)
-    made = {"data": str(args.data), "examples": len(texts), "scorer": args.scorer,
-            **({"select": args.select} if args.select is not None else {})}
+    model, batches, made = _data_model(args, progress)
     if args.scorer == "gradient":
         from .scoring.gradient_scores import gradient_head_scores
 
@@ -364,6 +352,65 @@ def _score(args) -> HeadScores:
         made.update(steps=args.steps, lr=args.lr, probe_loss_first=probe.losses[0], probe_loss_last=probe.losses[-1])
     scores.sources.update(made)
     return scores
+
+
+def _data_model(args, progress: bool = False):
+    """``(model, batches, record)`` for ``--data``: the model class follows the data and BASE (see --data's help):
+    labelled JSONL -> a sequence classifier; text -> a masked LM for an encoder (a model type transformers has a
+    masked-LM class for), else a causal LM. ``record`` goes into heads.json's ``sources``."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    from . import data
+
+    transformers.logging.set_verbosity_error()  # our own one-line errors and summary only
+    transformers.logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    sizes = dict(batch_size=args.batch_size, max_length=args.max_length)
+    load = dict(dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    if data.is_labelled(args.data):
+        from transformers import AutoModelForSequenceClassification
+
+        texts, labels = data.read_labelled(args.data, limit=args.examples)
+        id2label, label2id = data.label_maps(labels)
+        if len(id2label) < 2:
+            raise ValueError(f"{args.data} has one label ({id2label[0]!r}) in its first {len(texts)} examples; a "
+                             f"classifier needs at least two")
+        torch.manual_seed(args.seed)  # the new head's init
+        model, _ = AutoModelForSequenceClassification.from_pretrained(
+            args.base, num_labels=len(id2label), id2label=id2label, label2id=label2id, **load)
+        if model.config.pad_token_id is None:  # decoders classify at the last non-padding token
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            model.config.pad_token_id = tokenizer.pad_token_id
+        _no_select(args, "labelled examples")
+        batches = data.classification_batches(tokenizer, texts, labels, label2id, **sizes)
+        task = {"task": "sequence classification", "labels": list(id2label.values()), "seed": args.seed}
+    else:
+        texts = data.read_texts(args.data, limit=args.examples)
+        encoder = AutoConfig.from_pretrained(args.base).model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        model, info = (AutoModelForMaskedLM if encoder else AutoModelForCausalLM).from_pretrained(args.base, **load)
+        if info["missing_keys"]:  # e.g. a sentence-embedding encoder saved without its MLM head
+            raise ValueError(f"--data with unlabelled text needs BASE's {'masked' if encoder else 'causal'}-LM head, "
+                             f"but BASE has no weights for {sorted(info['missing_keys'])[:3]}; give labelled "
+                             f'examples ({{"text": ..., "label": ...}} JSONL lines) or a TASK model instead')
+        if encoder:
+            _no_select(args, "an encoder")
+            batches = data.masked_lm_batches(tokenizer, texts, **sizes, seed=args.seed)
+            task = {"task": "masked LM", "seed": args.seed}
+        else:
+            if args.select is not None:  # PASER selection of the probe data (select-data)
+                texts = _select_texts(texts, model, tokenizer, args.select, progress, args.max_length)
+            batches = data.text_batches(tokenizer, texts, **sizes)
+            task = {"task": "causal LM", **({"select": args.select} if args.select is not None else {})}
+    return model, batches, {"data": str(args.data), "examples": len(texts), "scorer": args.scorer, **task}
+
+
+def _no_select(args, what: str) -> None:
+    if args.select is not None:
+        raise ValueError(f"--select ranks texts by a causal LM's loss; it does not apply to {what} (drop --select)")
 
 
 def _have_matplotlib() -> bool:
@@ -444,6 +491,7 @@ def merge_command(args) -> int:
     except (ValueError, OSError) as e:  # MergeError (a ValueError) and I/O errors; nothing was written
         raise CLIError(f"cannot merge {args.adapter} into {args.base}: {e}") from None
     cast = f", {report.tensors_cast} cast to {args.dtype}" if args.dtype else ""
+    cast += f", {report.tensors_added} added (modules_to_save the base lacks)" if report.tensors_added else ""
     print(f"Merged {args.adapter} into {args.base}: {report.tensors_changed} tensors changed "
           f"({report.deltas} adapter tensors), {report.tensors_copied} copied unchanged{cast}; "
           f"{len(report.shards)} safetensors file(s), {report.weight_bytes / 2**20:.1f} MB, "

@@ -25,7 +25,7 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for block in CLI_BLOCKS:
         subprocess.run(["bash", "-euo", "pipefail", "-c", block], check=True, env=env)
-    for out in ("heads", "math-heads"):
+    for out in ("heads", "math-heads", "topic-cli-heads"):
         assert {p.name for p in (tmp_path / out).iterdir()} == {"scores.json", "heads.json", "heatmap.png"}
 
 

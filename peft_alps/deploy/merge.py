@@ -21,7 +21,12 @@ How the shards are written (byte-level reading and copying: :mod:`peft_alps.io.s
   does, so every tensor stays aligned) and untouched floating tensors are cast chunk by chunk.
 
 Adapter tensors saved for ``modules_to_save`` (e.g. a classification head) replace the base tensor of the same
-name whole, as ``merge_and_unload()`` does. Other weight formats (``*.bin``, ...), subfolders, hidden files and
+name whole, as ``merge_and_unload()`` does. A ``modules_to_save`` tensor the base lacks (the new classifier of an
+encoder checkpoint such as all-MiniLM-L6-v2, saved without a head) is added, in the base's dtype, under its name
+in the adapter (``classifier.weight``; transformers adds the ``bert.`` prefix of the encoder's tensors itself) to
+the last shard (and the index), and the adapter's ``id2label`` (recorded for classifiers) goes into config.json
+with ``label2id``, so ``AutoModelForSequenceClassification.from_pretrained(out)`` loads the trained head with its
+label count. Other weight formats (``*.bin``, ...), subfolders, hidden files and
 peft_alps' SmolLM2 cache marker are not copied (the report lists them).
 
 Peak memory is therefore about the largest touched tensor (twice that with a dtype cast) plus one copy
@@ -86,6 +91,7 @@ class MergeReport:
     files_copied: list[str] = field(default_factory=list)  # non-weight files copied from the base
     skipped: list[str] = field(default_factory=list)  # base entries not copied (other weight formats, folders)
     seconds: float = 0.0
+    tensors_added: int = 0  # modules_to_save tensors the base lacked (a new classifier), written from the adapter
 
 
 def _read_tensor(src, shard: Header, entry: Entry) -> torch.Tensor:
@@ -127,6 +133,9 @@ class _MergeJob:
     out_code: Optional[str]  # safetensors dtype code to cast floating tensors to, or None
     base_config: dict
     fingerprint: Optional[dict] = None  # the base fingerprint recorded with the adapter
+    added: dict = field(default_factory=dict)  # shard file -> [Entry] of new tensors (offsets 0..nbytes)
+    added_keys: dict = field(default_factory=dict)  # new tensor name -> the adapter key it is written from
+    id2label: Optional[dict] = None  # the adapter's, for config.json
     sketches: dict = field(default_factory=dict)  # the same, of this base's slices, filled while merging
 
 
@@ -233,10 +242,17 @@ def _prepare(base_dir, adapter_dir, dtype, force: bool = False) -> _MergeJob:
                          else str(e)) from None
 
     edits, projections = {}, {}
+    # the adapter names modules as in the model it was made on, which may carry a prefix the checkpoint's tensor
+    # names lack (an encoder checkpoint's `encoder.layer.0...` is `bert.encoder.layer.0...` in its classifier)
+    adapter_modules = {hit[0] for hit in map(split_head_key, adapter_shard.entries) if hit}
     for (layer, module), (channels, axis) in targets.items():
         name = layout.module_name(layer, module)
         weight = _find(where, f"{name}.weight", f"base {base}")
-        full = weight.removesuffix(".weight")
+        try:
+            full = find_name(adapter_modules, name, f"adapter {adapter}", missing_ok=True)
+        except LayoutError as e:
+            raise MergeError(str(e)) from None
+        full = full or weight.removesuffix(".weight")  # missing from the adapter: tensor_problem below names it
         bias = find_name(where, f"{name}.bias", f"base {base}", missing_ok=True) if axis == "out" else None
         out_f, in_f = layout.linear_shape(base_entry(weight).shape)
         projections[full] = (len(channels), axis, out_f, in_f, bias is not None)
@@ -250,13 +266,22 @@ def _prepare(base_dir, adapter_dir, dtype, force: bool = False) -> _MergeJob:
     if problem:
         raise MergeError(f"The adapter weights {adapter_file} {problem}, or it was made for another base than "
                          f"{base}: the files do not belong together.")
+    saved_modules = cfg.get("modules_to_save") or []
+    added_keys = {}
     for key, entry in adapter_shard.entries.items():
         if entry.dtype not in FLOAT_CODES:
             raise MergeError(f"adapter tensor {key} has dtype {entry.dtype}; expected a floating dtype.")
         if split_head_key(key):
             continue
-        # modules_to_save: a whole tensor replaced
-        target = _find(where, key.removeprefix(PREFIX), f"base {base} (for the adapter's modules_to_save tensor {key})")
+        # modules_to_save: a whole tensor replaced, or added when the base has no such module (a new classifier)
+        name, what = key.removeprefix(PREFIX), f"base {base} (for the adapter's modules_to_save tensor {key})"
+        module = name.rsplit(".", 1)[0]
+        if find_name(where, name, what, missing_ok=True) is None \
+                and not any(f".{module}." in f".{n}" for n in where) \
+                and any(module == m or module.endswith("." + m) for m in saved_modules):
+            added_keys[name] = key
+            continue
+        target = _find(where, name, what)
         if entry.shape != base_entry(target).shape:
             raise MergeError(f"adapter tensor {key} has shape {list(entry.shape)} but base {target} has "
                              f"{list(base_entry(target).shape)}.")
@@ -266,17 +291,25 @@ def _prepare(base_dir, adapter_dir, dtype, force: bool = False) -> _MergeJob:
     for target in edits:
         if base_entry(target).dtype not in FLOAT_CODES:
             raise MergeError(f"base tensor {target} has dtype {base_entry(target).dtype}; cannot merge into it.")
+    # new tensors take the dtype of the base tensors the adapter changes (as loading the base and merging does)
+    code = base_entry(next(iter(edits))).dtype
+    last = sorted(shards)[-1]
+    added = {last: [Entry(name, code, adapter_shard.entries[key].shape, 0,
+                          math.prod(adapter_shard.entries[key].shape) * DTYPES[code][1])
+                    for name, key in added_keys.items()]} if added_keys else {}
+    id2label = cfg.get("id2label") or None
     return _MergeJob(base, adapter, index, shards, edits, adapter_file, adapter_shard, out_code, base_config,
-                 cfg.get("base_fingerprint"))
+                     cfg.get("base_fingerprint"), added, added_keys, id2label)
 
 
 # ----- writing -----
-def _out_entries(shard: Header, out_code: Optional[str]):
-    """``(header bytes, [(entry, out dtype code, out begin)])`` of the output shard, in write order."""
-    entries = list(shard.entries.values())
-    if out_code is None:
+def _out_entries(shard: Header, out_code: Optional[str], added=()):
+    """``(header bytes, [(entry, out dtype code, out begin)])`` of the output shard, in write order; ``added``:
+    Entries of new tensors (their own dtype, offsets ``0..nbytes``), which make a new header as a cast does."""
+    entries = list(shard.entries.values()) + list(added)
+    if out_code is None and not added:
         return shard.raw, [(e, e.dtype, e.begin) for e in entries]
-    code = {e.name: out_code if e.dtype in FLOAT_CODES else e.dtype for e in entries}
+    code = {e.name: out_code if out_code and e.dtype in FLOAT_CODES else e.dtype for e in entries}
     item = {e.name: DTYPES.get(code[e.name], (None, 1))[1] for e in entries}
     entries.sort(key=lambda e: (-item[e.name], e.name))  # as safetensors: keeps every tensor aligned
     written, rows, pos = [], [], 0
@@ -308,7 +341,7 @@ def _apply(t: torch.Tensor, edit: _Edit, adapter, adapter_shard: Header, sketche
 
 def _write_shard(shard: Header, out_path: Path, job: _MergeJob, adapter, counts: dict) -> int:
     """Write one output shard (streamed); return its size in bytes."""
-    header, rows = _out_entries(shard, job.out_code)
+    header, rows = _out_entries(shard, job.out_code, job.added.get(out_path.name, ()))
     pending = None  # (source offset, length) of untouched bytes still to copy
     with open(shard.path, "rb", buffering=0) as src, open(out_path, "wb", buffering=0) as dst:
         write_all(dst, header)
@@ -321,7 +354,13 @@ def _write_shard(shard: Header, out_path: Path, job: _MergeJob, adapter, counts:
 
         for entry, code, _ in rows:
             out_dtype = DTYPES[code][0] if code != entry.dtype else None
-            if entry.name in job.edits:
+            if entry.name in job.added_keys:  # a new tensor, from the adapter
+                flush()
+                key = job.added_keys[entry.name]
+                t = read_tensor(adapter, job.adapter_shard, job.adapter_shard.entries[key])
+                write_all(dst, tensor_bytes(t.to(DTYPES[code][0])))
+                counts["added"] += 1
+            elif entry.name in job.edits:
                 flush()
                 t = _apply(_read_tensor(src, shard, entry), job.edits[entry.name], adapter, job.adapter_shard,
                            job.sketches)
@@ -341,7 +380,7 @@ def _write_shard(shard: Header, out_path: Path, job: _MergeJob, adapter, counts:
                 counts["copied"] += 1
         flush()
         size = dst.seek(0, os.SEEK_END)
-    expected = sum(_out_sizes(shard, job.out_code))
+    expected = sum(_out_sizes(shard, job.out_code, job.added.get(out_path.name, ())))
     if size != expected:
         raise MergeError(f"wrote {size} bytes to {out_path.name}, expected {expected}.")
     return size
@@ -359,9 +398,9 @@ def _check_out(out: Path, job: _MergeJob, overwrite: bool) -> None:
             raise MergeError(f"out {out} is (or contains) the {what} folder {path}: choose another folder.")
 
 
-def _out_sizes(shard: Header, out_code: Optional[str]) -> tuple[int, int]:
+def _out_sizes(shard: Header, out_code: Optional[str], added=()) -> tuple[int, int]:
     """``(header bytes, data bytes)`` of the output shard."""
-    header, rows = _out_entries(shard, out_code)
+    header, rows = _out_entries(shard, out_code, added)
     return len(header), sum(e.nbytes if c == e.dtype else math.prod(e.shape) * DTYPES[c][1] for e, c, _ in rows)
 
 
@@ -374,13 +413,13 @@ def merge_checkpoint_report(base_dir, adapter_dir, out_dir, dtype=None, overwrit
     _check_out(out, job, overwrite)
     parent = out.absolute().parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())
-    need = sum(sum(_out_sizes(s, job.out_code)) for s in job.shards.values())
+    need = sum(sum(_out_sizes(s, job.out_code, job.added.get(n, ()))) for n, s in job.shards.items())
     free = shutil.disk_usage(existing).free
     if need > free:
         raise MergeError(f"the merged weights need {need / 2**20:.0f} MB but {existing} has {free / 2**20:.0f} MB "
                          f"free.")
 
-    counts = dict(changed=0, copied=0, cast=0)
+    counts = dict(changed=0, copied=0, cast=0, added=0)
     files, skipped, weight_bytes = [], [], 0
     with staged_folder(out, whole=True) as stage:
         try:
@@ -396,12 +435,14 @@ def merge_checkpoint_report(base_dir, adapter_dir, out_dir, dtype=None, overwrit
             raise MergeError(str(e)) from None
         weights = set(job.shards) | {INDEX_NAME}
         if job.index is not None:
-            if job.out_code is None:
+            if job.out_code is None and not job.added:
                 shutil.copyfile(job.base / INDEX_NAME, stage / INDEX_NAME)
             else:
                 index = dict(job.index)
-                total = sum(_out_sizes(s, job.out_code)[1] for s in job.shards.values())
+                total = sum(_out_sizes(s, job.out_code, job.added.get(n, ()))[1] for n, s in job.shards.items())
                 index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
+                index["weight_map"] = {**index["weight_map"],
+                                       **{e.name: file for file, new in job.added.items() for e in new}}
                 (stage / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         for entry in sorted(job.base.iterdir()):
             if entry.name in weights:
@@ -410,10 +451,14 @@ def merge_checkpoint_report(base_dir, adapter_dir, out_dir, dtype=None, overwrit
                     or entry.name.endswith(".index.json") or entry.name in _NOT_COPIED:
                 skipped.append(entry.name)
                 continue
-            if entry.name == "config.json" and job.out_code is not None:
+            if entry.name == "config.json" and (job.out_code is not None or job.id2label):
                 config = dict(job.base_config)
-                for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
-                    config[key] = _CODE_NAMES[job.out_code]
+                if job.out_code is not None:
+                    for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
+                        config[key] = _CODE_NAMES[job.out_code]
+                if job.id2label:  # a classifier's labels (their count sizes the head when loading)
+                    config["id2label"] = {str(k): v for k, v in job.id2label.items()}
+                    config["label2id"] = {v: int(k) for k, v in job.id2label.items()}
                 (stage / entry.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             else:
                 shutil.copyfile(entry, stage / entry.name)
@@ -421,7 +466,7 @@ def merge_checkpoint_report(base_dir, adapter_dir, out_dir, dtype=None, overwrit
     return MergeReport(out=out, shards=list(job.shards), tensors_changed=counts["changed"],
                        tensors_copied=counts["copied"], tensors_cast=counts["cast"], deltas=len(job.adapter_shard.entries),
                        weight_bytes=weight_bytes, files_copied=files, skipped=skipped,
-                       seconds=time.perf_counter() - t0)
+                       seconds=time.perf_counter() - t0, tensors_added=counts["added"])
 
 
 def _merge_dtype(job: _MergeJob) -> torch.dtype:

@@ -7,6 +7,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+# The task heads PEFT's SEQ_CLS / TOKEN_CLS task types add to modules_to_save: BERT-style encoders name theirs
+# `classifier`, decoders (Llama, Qwen, GPT-2 ...) `score`; a model has one of them, so the other never matches.
+TASK_HEADS = ("classifier", "score")
+
 
 def is_dtensor(tensor) -> bool:
     """An FSDP2 shard (a ``torch.distributed`` DTensor), told by its type without importing torch.distributed."""

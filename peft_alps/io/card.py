@@ -34,7 +34,7 @@ def summarize(folder) -> dict:
     ``ratio`` (selected / total), ``kv_groups`` (key/value groups touched), ``parts``, ``selection`` (how the heads
     were chosen, if recorded), ``modules`` (wrapped projections), ``delta_params`` / ``delta_bytes`` (the head
     slices), ``extra_params`` / ``extra_bytes`` (``modules_to_save``), ``dtypes``, ``file_bytes`` (None when the
-    weights file is missing).
+    weights file is missing), ``num_labels`` and ``id2label`` (``{int: str}``; a classifier's, else None).
     """
     folder = Path(folder)
     config = read_config(folder)
@@ -53,7 +53,10 @@ def summarize(folder) -> dict:
                 kv_groups=len({(layer, layout.kv_group(h)) for layer, hs in heads.items() for h in hs}),
                 parts=parts, selection=config.get("selection"),
                 modules=len(config.get("target_modules") or []), delta_params=0, delta_bytes=0, extra_params=0,
-                extra_bytes=0, dtypes=[], file_bytes=None)
+                extra_bytes=0, dtypes=[], file_bytes=None, num_labels=None, id2label=None)
+    if config.get("id2label"):  # recorded by the tuner for a classifier; JSON keys are strings
+        info["id2label"] = {int(k): str(v) for k, v in config["id2label"].items()}
+        info["num_labels"] = len(info["id2label"])
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
         try:
@@ -83,6 +86,8 @@ def summary_lines(info: dict) -> list[str]:
                            f"{info['kv_groups']} key/value groups touched"),
         ("parts", ", ".join(info["parts"])),
     ]
+    if info.get("id2label"):
+        rows.append(("labels", f"{info['num_labels']}: " + ", ".join(f"{k} {v}" for k, v in info["id2label"].items())))
     if info["selection"]:
         rows.append(("selection", ", ".join(f"{k}: {v}" for k, v in info["selection"].items())))
     rows.append(("trainable parameters", f"{info['delta_params']:,} in {info['modules']} projections"
@@ -97,10 +102,25 @@ def summary_lines(info: dict) -> list[str]:
     return lines
 
 
-def card_section(info: dict) -> str:
-    """The peft-alps section of the model card: what the adapter is, its summary, how to load it."""
+def load_snippet(info: dict, adapter: str = "ADAPTER_REPO_OR_FOLDER") -> list[str]:
+    """The Python lines that load the adapter :func:`summarize` describes onto its base (a classifier's base with
+    its ``num_labels``, ``id2label`` and ``label2id``, which the new head's size needs)."""
     auto = info["base_class"]
     base = info["base_model"] or "BASE_MODEL"
+    lines = ["import peft_alps  # pip install peft-alps", "from peft import PeftModel",
+             f"from transformers import {auto}", ""]
+    if info.get("id2label"):
+        lines += [f"id2label = {info['id2label']!r}",
+                  f'base = {auto}.from_pretrained("{base}", num_labels={info["num_labels"]}, id2label=id2label,',
+                  f"{' ' * (len(auto) + 24)}label2id={{v: k for k, v in id2label.items()}})"]
+    else:
+        lines.append(f'base = {auto}.from_pretrained("{base}")')
+    return lines + [f'model = PeftModel.from_pretrained(base, "{adapter}")',
+                    "model = model.merge_and_unload()  # optional: a plain transformers model again"]
+
+
+def card_section(info: dict) -> str:
+    """The peft-alps section of the model card: what the adapter is, its summary, how to load it."""
     return "\n".join([
         _START,
         "## peft-alps head-mask adapter",
@@ -115,12 +135,7 @@ def card_section(info: dict) -> str:
         "Load it (`import peft_alps` first: it registers the HEADMASK method with PEFT):",
         "",
         "```python",
-        "import peft_alps  # pip install peft-alps",
-        "from peft import PeftModel",
-        f"from transformers import {auto}",
-        "",
-        f'model = PeftModel.from_pretrained({auto}.from_pretrained("{base}"), "ADAPTER_REPO_OR_FOLDER")',
-        "model = model.merge_and_unload()  # optional: a plain transformers model again",
+        *load_snippet(info),
         "```",
         _END,
     ])

@@ -1,8 +1,13 @@
 """Data-driven head scores from a few calibration batches (no task model needed).
 
-See ``/work/shared/docs/METHOD.md`` section 2 (GMT) and Michel et al. (2019), "Are Sixteen Heads
-Really Better than One?". For every batch: forward, loss, backward; each query head's score is the sum
-over batches of a reduction of the gradient over the head's weight entries. Conventions:
+An alternative to ALPS's weight distance (:mod:`peft_alps.scoring.weight_scores`) when there is no task model:
+rank heads by how strongly the task's loss pulls on their weights, as Michel et al. (2019), "Are Sixteen Heads
+Really Better than One?", score head importance with first-order terms, and as gradient-mask tuning (GMT; Li et
+al., 2024, arXiv 2406.15330; :mod:`peft_alps.tuner.gmt`) keeps the entries with the largest accumulated
+gradients. No optimizer step is taken, so it costs one forward and backward per batch; it is not the ALPS paper's
+method (benchmarks/README.md compares its choices with probe + PAD). For every batch: forward, loss, backward;
+each query head's score is the sum over batches of a reduction of the gradient over the head's weight entries.
+Conventions:
 
 * Gradients and weights are read in the ``nn.Linear`` frame ``[out, in]`` (GPT-2 ``Conv1D`` is
   transposed); which entries belong to a head comes only from

@@ -1,6 +1,15 @@
 """ALPS "localize" step: score every attention head by how far a task model moved it.
 
-See ``/work/shared/docs/METHOD.md`` section 1. Conventions:
+ALPS (Attention Localization and Pruning Strategy; Chen et al., ACL 2025, arXiv 2505.18799) compares a base
+model ``M_B`` with a task model ``M_T`` of the same architecture, from weights alone. ``M_T`` can be a full
+fine-tune, a domain variant (e.g. a coder model), or a cheap probe: a short fine-tune of the attention only, or on
+~10% of the data (the paper's Appendix C: comparable head choices; :func:`peft_alps.scoring.probe.probe_task_model`).
+For every query head ``h`` (key/value group ``g(h) = h // (n_q // n_kv)`` under GQA) both models' head weights
+become a distribution ``P^h = softmax(vec(W^h) / tau)``; the head's score is a distance between ``P_B^h`` and
+``P_T^h`` (default PAD: Wasserstein-1 on the support ``i / (N-1)``, which beat KL, Euclidean and cosine in the
+paper's ablation, Table 2). :func:`peft_alps.select_heads` then keeps ``K = ceil(ratio * n)`` heads ranked over
+all layers (ratio 0.1 in the paper) and a head-mask adapter trains only their q rows and their group's k/v rows.
+Conventions:
 
 * Weights are read in the ``nn.Linear`` frame ``[out, in]`` (GPT-2 ``Conv1D``
   weights, stored ``[in, out]``, are transposed on read). Which rows belong to a

@@ -86,8 +86,16 @@ class HeadMaskConfig(PeftConfig):
     )
     modules_to_save: Optional[list[str]] = field(
         default=None,
-        metadata={"help": "Extra modules trained in full and saved with the adapter, e.g. ['score'] for a "
-                  "classification head."},
+        metadata={"help": "Extra modules trained in full and saved with the adapter, e.g. ['classifier'] for a "
+                  "BERT-style classification head (decoders: ['score']); task_type='SEQ_CLS' / 'TOKEN_CLS' adds the "
+                  "head by itself. A name that matches no module is refused."},
+    )
+    id2label: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Filled automatically for a classifier (a *ForSequenceClassification / "
+                  "*ForTokenClassification base, or task_type SEQ_CLS / TOKEN_CLS): the base config's id2label "
+                  "(its length is num_labels), so that the model card's load snippet and loaders rebuild the head "
+                  "with the right size; do not set it."},
     )
     selection: Optional[dict] = field(
         default=None,
@@ -121,6 +129,8 @@ class HeadMaskConfig(PeftConfig):
         self.grad_mask_ratio = _check_grad_mask_ratio(self.grad_mask_ratio)
         if self.layout is not None:  # a HeadLayout object or its dict; validated here, stored as a dict
             self.layout = HeadLayout.coerce(self.layout).to_dict()
+        if self.id2label is not None:  # JSON keys are strings
+            self.id2label = {int(k): str(v) for k, v in dict(self.id2label).items()}
         if self.selection is not None and not isinstance(self.selection, dict):
             raise ValueError(f"selection must be a dict (e.g. {{'metric': 'pad', 'ratio': 0.1}}) or None, got "
                              f"{type(self.selection).__name__}.")

@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 from ..heads.delta import delta_kind
 from ..heads.infer import infer_layout
 from ..heads.layout import HeadLayout, linear_dim, resolve_layout
-from ..heads.modules import base_layer, is_dtensor, is_zero3_partition, projection_shapes
+from ..heads.modules import TASK_HEADS, base_layer, is_dtensor, is_zero3_partition, projection_shapes
 from ..io.adapter import AdapterError, check_weights, expected_tensors
 from ..io.integrity import check_file, check_fingerprint, fingerprint, sketch
 from .config import HeadMaskConfig
@@ -90,6 +90,67 @@ def quantized_targets(config: HeadMaskConfig, targets: dict, modules: dict) -> d
     return backends
 
 
+CLASSIFIER_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+_CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification")
+
+
+def _task(config) -> str:
+    return str(config.task_type).split(".")[-1] if config.task_type is not None else ""
+
+
+def check_modules_to_save(config: HeadMaskConfig, model: nn.Module) -> None:
+    """Every ``modules_to_save`` name must match a module of ``model`` (PEFT's rule: a module name ending with
+    it), else the module would silently stay frozen at its (for a new classifier: random) init. The task heads
+    PEFT adds for ``task_type`` SEQ_CLS / TOKEN_CLS (``classifier`` and ``score``) need only one of them to match.
+    ValueError naming the missing names, the model's top-level modules and the fix; nothing is modified."""
+    names = list(dict.fromkeys(config.modules_to_save or ()))
+    if not names:
+        return
+    keys = [key for key, _ in model.named_modules()]
+    missing = [n for n in names if not any(key.endswith(n) for key in keys)]
+    if _task(config) in CLASSIFIER_TASKS and any(n in TASK_HEADS for n in names) and \
+            any(any(key.endswith(h) for key in keys) for h in TASK_HEADS):
+        missing = [n for n in missing if n not in TASK_HEADS]
+    if missing:
+        children = sorted(name for name, _ in model.named_children())
+        head = next((n for n in TASK_HEADS if n in children), None)
+        hint = (f" Its classification head is {head!r}: pass task_type='SEQ_CLS' (PEFT then trains and saves it) or "
+                f"modules_to_save=[{head!r}]." if head else "")
+        raise ValueError(f"modules_to_save names {missing}, which match no module of {type(model).__name__} (its "
+                         f"top-level modules: {children}); such a module would stay frozen and unsaved.{hint} "
+                         f"Nothing was modified.")
+
+
+def classifier_labels(config: HeadMaskConfig, model: nn.Module) -> dict | None:
+    """The base config's ``id2label`` (``{int: str}``) when ``model`` is a classifier (task_type SEQ_CLS /
+    TOKEN_CLS, or a ``*ForSequenceClassification`` / ``*ForTokenClassification`` class), else None."""
+    model_config = getattr(model, "config", None)
+    classifier = _task(config) in CLASSIFIER_TASKS or type(model).__name__.endswith(_CLASSIFIER_SUFFIXES)
+    if not classifier or getattr(model_config, "id2label", None) is None:
+        return None
+    return {int(k): str(v) for k, v in model_config.id2label.items()}
+
+
+def check_labels(config: HeadMaskConfig, model: nn.Module) -> dict | None:
+    """The classifier labels to record in ``config.id2label`` (a new adapter; None when there is nothing to
+    record), or, loading one, check that the base was built with as many labels as the adapter's head holds
+    (ValueError with the loading call that fixes it); other label names than the adapter's only warn."""
+    labels = classifier_labels(config, model)
+    if labels is None or config.id2label is None:
+        return labels
+    if len(labels) != len(config.id2label):
+        raise ValueError(f"The adapter's classifier has {len(config.id2label)} labels, but the base model was loaded "
+                         f"with {len(labels)}: load the base with num_labels={len(config.id2label)}, "
+                         f"id2label={config.id2label}, label2id={{v: k for k, v in id2label.items()}} (the adapter's "
+                         f"model card shows the call). Nothing was modified.")
+    if labels != config.id2label:
+        import warnings
+
+        warnings.warn(f"The base model's id2label {labels} differs from the adapter's {config.id2label}; the "
+                      f"classifier's outputs follow the adapter's order.", stacklevel=3)
+    return None
+
+
 def check_weights_file(path, expected: dict) -> None:
     """The adapter file must be sound and hold exactly the head tensors ``expected`` (key -> shape) names;
     ValueError naming the file and the tensor otherwise (nothing is modified). A checksum mismatch warns."""
@@ -165,6 +226,8 @@ class HeadMaskModel(BaseTuner):
         against the fingerprint recorded with the adapter (a warning)."""
         layout, names = model_layout(peft_config, model)
         targets = module_targets(peft_config, layout, names)
+        check_modules_to_save(peft_config, model)
+        labels = check_labels(peft_config, model)
         modules = dict(model.named_modules())
         backends = quantized_targets(peft_config, targets, modules)
         weights_file = getattr(peft_config, "_weights_file", None)
@@ -178,6 +241,8 @@ class HeadMaskModel(BaseTuner):
                 check_fingerprint(peft_config.base_fingerprint, current, "Loading the head-mask adapter", warn=True)
         peft_config.layout = layout.to_dict()
         peft_config.target_modules = sorted(targets)
+        if labels is not None:
+            peft_config.id2label = labels
         self._headmask_targets = targets
 
     def _check_target_module_exists(self, peft_config, key):
