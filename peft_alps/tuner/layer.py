@@ -11,6 +11,9 @@ Per adapter ``a`` the layer holds
 * ``headmask_kind[a]``: the delta kind (:mod:`peft_alps.heads.delta`), whose trainable tensors live in the
   ``ParameterDict`` attributes ``headmask_<tensor>`` (dense slices: ``headmask_delta`` ``[n, in]`` or
   ``[out, n]`` and ``headmask_bias`` ``[n]`` for the rows of a biased projection),
+* ``headmask_<buffer>[a]``: for a kind with buffers (:attr:`~peft_alps.heads.delta.HeadDelta.buffers`, e.g.
+  KaSA's truncation term), the tensors it computed from the base slice when the adapter was added, in
+  non-persistent ``BufferDict`` attributes (never saved; recomputed whenever the adapter is created or loaded),
 * ``headmask_grad_mask_ratio[a]``: GMT ratio; if > 0 the layer is tracked by :mod:`peft_alps.tuner.gmt`, which
   masks the small gradients of ``a``'s tensors before each optimizer step.
 
@@ -31,7 +34,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..heads.delta import TENSOR_PREFIX, DenseSlice, delta_kind, merged_slice
+from ..heads.delta import TENSOR_PREFIX, DenseSlice, delta_kind, delta_kind_of, merged_slice
 from ..heads.layout import linear_dim, linear_frame
 from . import gmt
 from .mixed_batch import BASE, check_layer_call
@@ -125,16 +128,30 @@ class HeadMaskLayer(BaseTunerLayer):
         if not channels or max(channels) >= limit or min(channels) < 0:
             raise ValueError(f"Head channels {channels[:3]}...{channels[-3:]} do not fit a {axis}-dimension of "
                              f"{limit}.")
-        kind = delta_kind(config.delta_kind)
+        kind = delta_kind_of(config)
         has_bias = axis == "out" and self.get_base_layer().bias is not None
         shapes = kind.shapes(len(channels), axis, self.out_features, self.in_features, has_bias)
+        index = torch.tensor(channels, dtype=torch.long)
+        buffers = {}
+        if kind.buffers:  # computed from the base slice: it must be the base's, not one with an adapter merged in
+            if self.merged:
+                raise ValueError(f"Adapter {adapter_name!r} (delta kind {kind.name!r}) is computed from the base "
+                                 f"weights, but adapters {self.merged_adapters} are merged into them: unmerge first.")
+            weight = self.linear_weight().detach()
+            buffers = kind.prepare(weight.index_select(linear_dim(axis), index.to(weight.device)), axis)
         for tensor, value in kind.init(shapes, config.init_weights).items():
             attr = TENSOR_PREFIX + tensor
             if attr not in self.adapter_layer_names:
                 setattr(self, attr, nn.ParameterDict({}))
                 self.adapter_layer_names = self.adapter_layer_names + (attr,)
             getattr(self, attr)[adapter_name] = nn.Parameter(value)
-        self.headmask_index[adapter_name] = torch.tensor(channels, dtype=torch.long)
+        for buffer, value in buffers.items():
+            attr = TENSOR_PREFIX + buffer
+            if attr not in self.other_param_names:
+                setattr(self, attr, BufferDict({}, persistent=False))
+                self.other_param_names = self.other_param_names + (attr,)
+            getattr(self, attr)[adapter_name] = value
+        self.headmask_index[adapter_name] = index
         self.headmask_axis[adapter_name] = axis
         self.headmask_kind[adapter_name] = kind.name
         self.headmask_strategy[adapter_name] = config.forward_strategy
@@ -144,13 +161,18 @@ class HeadMaskLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    def _buffer_dicts(self) -> list[BufferDict]:
+        """The index and every kind buffer ``BufferDict`` of this layer."""
+        return [getattr(self, a) for a in self.other_param_names if isinstance(getattr(self, a, None), BufferDict)]
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
-        """PEFT's move of the adapter to the base layer's device and dtype, with the index only moved: PEFT < 0.21
-        casts every BufferDict entry to the base's float dtype, which would round the channel indices (bf16)."""
-        index = self.headmask_index.pop(adapter_name) if adapter_name in self.headmask_index else None
+        """PEFT's move of the adapter to the base layer's device and dtype, with the buffers only moved: PEFT < 0.21
+        casts every BufferDict entry to the base's float dtype, which would round the channel indices (bf16), and
+        a kind's buffers (float32, from a float64 computation) keep their precision as the trainable tensors do."""
+        held = [(d, d.pop(adapter_name)) for d in self._buffer_dicts() if adapter_name in d]
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
-        if index is not None:
-            self.headmask_index[adapter_name] = index.to(device or self.get_base_layer().weight.device)
+        for d, value in held:
+            d[adapter_name] = value.to(device or self.get_base_layer().weight.device)
 
     # ----- the seam: an adapter's tensors -> its slice update -----
     def adapter_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -159,10 +181,25 @@ class HeadMaskLayer(BaseTunerLayer):
         return {t: getattr(self, TENSOR_PREFIX + t)[adapter_name] for t in kind.tensors
                 if adapter_name in getattr(self, TENSOR_PREFIX + t, {})}
 
+    def adapter_buffers(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """``{buffer name: tensor}`` of ``adapter_name``'s delta kind in this layer (computed from the base slice;
+        empty for the dense kind)."""
+        kind = delta_kind(self.headmask_kind[adapter_name])
+        return {b: getattr(self, TENSOR_PREFIX + b)[adapter_name] for b in kind.buffers
+                if adapter_name in getattr(self, TENSOR_PREFIX + b, {})}
+
     def slice_update(self, adapter_name: str):
         """``(D, bias update or None)`` of ``adapter_name`` (differentiable; see :mod:`peft_alps.heads.delta`)."""
         kind = delta_kind(self.headmask_kind[adapter_name])
-        return kind.update(self.adapter_tensors(adapter_name), self.headmask_axis[adapter_name])
+        return kind.update({**self.adapter_tensors(adapter_name), **self.adapter_buffers(adapter_name)},
+                           self.headmask_axis[adapter_name])
+
+    def slice_factors(self, adapter_name: str):
+        """``(L, R)`` with ``L @ R`` the slice update ``D``, if the kind writes it as a thin product, else None
+        (:meth:`~peft_alps.heads.delta.HeadDelta.factors`)."""
+        kind = delta_kind(self.headmask_kind[adapter_name])
+        return kind.factors({**self.adapter_tensors(adapter_name), **self.adapter_buffers(adapter_name)},
+                            self.headmask_axis[adapter_name])
 
     def _slices(self, adapter_names, detach: bool = False):
         """``(slices, updates)`` for :func:`apply_slices`, of the adapters this layer holds."""

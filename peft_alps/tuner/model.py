@@ -7,7 +7,7 @@ from peft.tuners.tuners_utils import BaseTuner, _get_in_out_features
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..heads.delta import delta_kind
+from ..heads.delta import KasaDelta, delta_kind_of
 from ..heads.infer import infer_layout
 from ..heads.layout import HeadLayout, linear_dim, linear_frame, resolve_layout
 from ..heads.modules import base_layer, is_dtensor, is_zero3_partition, projection_shapes
@@ -60,14 +60,17 @@ def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
 
 
-def head_tensors(config: HeadMaskConfig, targets: dict, modules: dict) -> dict[str, tuple[int, ...]]:
-    """Saved name -> shape of every head tensor an adapter with ``config`` and ``targets`` holds on this model."""
+def head_tensors(config: HeadMaskConfig, targets: dict, modules: dict, layout: HeadLayout | None = None
+                 ) -> dict[str, tuple[int, ...]]:
+    """Saved name -> shape of every head tensor an adapter with ``config`` and ``targets`` holds on this model
+    (``layout``: the model's, if ``config`` does not record it yet)."""
     projections = {}
     for name, (channels, axis) in targets.items():
         base = base_layer(modules[name])
         in_features, out_features = _get_in_out_features(base)
         projections[name] = (len(channels), axis, out_features, in_features, axis == "out" and base.bias is not None)
-    return expected_tensors(delta_kind(config.delta_kind), projections)
+    options = vars(config) if layout is None else {**vars(config), "layout": layout.to_dict()}
+    return expected_tensors(delta_kind_of(options), projections)
 
 
 def check_not_quantized(targets: dict, modules: dict) -> None:
@@ -122,6 +125,19 @@ def _fingerprint(targets: dict, modules: dict) -> dict | None:
     return fingerprint(sketches, dtype)
 
 
+def _add_kasa_loss(tuner, args, output):
+    """Forward hook of a tuner with a ``kasa_loss_in_forward`` adapter: in training mode, a returned ``loss`` (a
+    ``ModelOutput`` with labels passed) gets the active such adapters' :meth:`HeadMaskModel.kasa_loss` added."""
+    loss = output.get("loss") if hasattr(output, "get") else None
+    if not tuner.training or loss is None:
+        return output
+    names = [a for a in tuner.active_adapters
+             if getattr(tuner.peft_config.get(a), "kasa_loss_in_forward", False)]
+    if names:
+        output["loss"] = loss + tuner.kasa_loss(names)
+    return output
+
+
 class HeadMaskModel(BaseTuner):
     """Creates a head-mask adapter: trainable slices of the selected attention heads only.
 
@@ -149,6 +165,27 @@ class HeadMaskModel(BaseTuner):
             _remove_adapter(model, adapter_name)
             raise
         expect_complete_loads(model)
+        if getattr(self.peft_config[adapter_name], "kasa_loss_in_forward", False) \
+                and not getattr(self, "_kasa_loss_hook", None):
+            self._kasa_loss_hook = self.register_forward_hook(_add_kasa_loss)
+
+    def kasa_loss(self, adapter_names=None) -> torch.Tensor | float:
+        """KaSA's regulariser summed over every head unit of every projection of the ``delta_kind="kasa"``
+        adapters ``adapter_names`` (default: the active ones), each with its config's ``kasa_beta`` and
+        ``kasa_gamma``: ``beta * ||dsigma||^2 + gamma * (||dU^T dU - I||_F + ||dV^T dV - I||_F)`` per head unit
+        (:meth:`~peft_alps.heads.delta.KasaDelta.regularization`; PEFT's ``_get_kasa_loss`` per LoRA layer).
+        ``0.0`` if none is a KaSA adapter. Add it to the task loss, or set ``kasa_loss_in_forward=True``."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names or self.active_adapters)
+        total = 0.0
+        for module in self.model.modules():
+            if not isinstance(module, HeadMaskLayer):
+                continue
+            for name in names:
+                if module.headmask_kind.get(name) == KasaDelta.name:
+                    config = self.peft_config[name]
+                    total = total + KasaDelta.regularization(module.adapter_tensors(name), config.kasa_beta,
+                                                             config.kasa_gamma)
+        return total
 
     def _prepare_model(self, peft_config: HeadMaskConfig, model: nn.Module) -> None:
         """Resolve layout and targets and validate everything before any module is replaced: the layout
@@ -160,7 +197,7 @@ class HeadMaskModel(BaseTuner):
         check_not_quantized(targets, modules)
         weights_file = getattr(peft_config, "_weights_file", None)
         if weights_file is not None:
-            check_weights_file(weights_file, head_tensors(peft_config, targets, modules))
+            check_weights_file(weights_file, head_tensors(peft_config, targets, modules, layout))
         current = base_fingerprint(targets, modules)
         if current is not None:
             if peft_config.base_fingerprint is None:
