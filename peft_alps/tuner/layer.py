@@ -14,6 +14,7 @@ Per adapter ``a`` the layer holds
 * ``headmask_<buffer>[a]``: for a kind with buffers (:attr:`~peft_alps.heads.delta.HeadDelta.buffers`, e.g.
   KaSA's truncation term), the tensors it computed from the base slice when the adapter was added, in
   non-persistent ``BufferDict`` attributes (never saved; recomputed whenever the adapter is created or loaded),
+* ``headmask_kasa_loss[a]``: a KaSA adapter's regulariser options ``(beta, gamma, add it in forward)``,
 * ``headmask_grad_mask_ratio[a]``: GMT ratio; if > 0 the layer is tracked by :mod:`peft_alps.tuner.gmt`, which
   masks the small gradients of ``a``'s tensors before each optimizer step.
 
@@ -99,7 +100,7 @@ class HeadMaskLayer(BaseTunerLayer):
     # the dense kind's tensors; a kind with other tensors adds its attributes per instance (as PEFT's DoRA does)
     adapter_layer_names = tuple(TENSOR_PREFIX + t for t in DenseSlice.tensors)
     other_param_names = ("headmask_index", "headmask_axis", "headmask_kind", "headmask_strategy",
-                         "headmask_grad_mask_ratio")
+                         "headmask_grad_mask_ratio", "headmask_kasa_loss")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -110,6 +111,7 @@ class HeadMaskLayer(BaseTunerLayer):
         self.headmask_kind: dict[str, str] = {}
         self.headmask_strategy: dict[str, str] = {}
         self.headmask_grad_mask_ratio: dict[str, float] = {}
+        self.headmask_kasa_loss: dict[str, tuple] = {}  # KaSA adapters: (beta, gamma, add in forward)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         # stack of (axis, index, original weight slice, original bias slice) for bit-exact unmerge
@@ -156,6 +158,8 @@ class HeadMaskLayer(BaseTunerLayer):
         self.headmask_kind[adapter_name] = kind.name
         self.headmask_strategy[adapter_name] = config.forward_strategy
         self.headmask_grad_mask_ratio[adapter_name] = config.grad_mask_ratio
+        if kind.name == "kasa":
+            self.headmask_kasa_loss[adapter_name] = (config.kasa_beta, config.kasa_gamma, config.kasa_loss_in_forward)
         if config.grad_mask_ratio > 0:
             gmt.track(self)
         self._move_adapter_to_device_of_base_layer(adapter_name)

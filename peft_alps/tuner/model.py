@@ -125,16 +125,27 @@ def _fingerprint(targets: dict, modules: dict) -> dict | None:
     return fingerprint(sketches, dtype)
 
 
-def _add_kasa_loss(tuner, args, output):
-    """Forward hook of a tuner with a ``kasa_loss_in_forward`` adapter: in training mode, a returned ``loss`` (a
-    ``ModelOutput`` with labels passed) gets the active such adapters' :meth:`HeadMaskModel.kasa_loss` added."""
+def kasa_loss(model: nn.Module, adapter_names=None, in_forward_only: bool = False) -> torch.Tensor | float:
+    """:meth:`HeadMaskModel.kasa_loss` of the wrapped ``model`` (its HeadMaskLayers hold each KaSA adapter's
+    ``(beta, gamma, in_forward)``); ``adapter_names`` None: each layer's active adapters."""
+    total = 0.0
+    for module in model.modules():
+        if not isinstance(module, HeadMaskLayer):
+            continue
+        for name in adapter_names if adapter_names is not None else module.active_adapters:
+            options = module.headmask_kasa_loss.get(name)
+            if options is not None and (options[2] or not in_forward_only):
+                total = total + KasaDelta.regularization(module.adapter_tensors(name), options[0], options[1])
+    return total
+
+
+def _add_kasa_loss(model, args, output):
+    """Forward hook of the wrapped model when an adapter has ``kasa_loss_in_forward``: in training mode, a
+    returned ``loss`` (a ``ModelOutput``, labels passed) gets the active such adapters' regulariser added. On the
+    wrapped model, not the tuner: ``PeftModel.forward`` without a task type calls the wrapped model directly."""
     loss = output.get("loss") if hasattr(output, "get") else None
-    if not tuner.training or loss is None:
-        return output
-    names = [a for a in tuner.active_adapters
-             if getattr(tuner.peft_config.get(a), "kasa_loss_in_forward", False)]
-    if names:
-        output["loss"] = loss + tuner.kasa_loss(names)
+    if model.training and loss is not None:
+        output["loss"] = loss + kasa_loss(model, in_forward_only=True)
     return output
 
 
@@ -166,8 +177,9 @@ class HeadMaskModel(BaseTuner):
             raise
         expect_complete_loads(model)
         if getattr(self.peft_config[adapter_name], "kasa_loss_in_forward", False) \
-                and not getattr(self, "_kasa_loss_hook", None):
-            self._kasa_loss_hook = self.register_forward_hook(_add_kasa_loss)
+                and not getattr(model, "_headmask_kasa_hook", False):
+            model.register_forward_hook(_add_kasa_loss)
+            model._headmask_kasa_hook = True
 
     def kasa_loss(self, adapter_names=None) -> torch.Tensor | float:
         """KaSA's regulariser summed over every head unit of every projection of the ``delta_kind="kasa"``
@@ -176,16 +188,7 @@ class HeadMaskModel(BaseTuner):
         (:meth:`~peft_alps.heads.delta.KasaDelta.regularization`; PEFT's ``_get_kasa_loss`` per LoRA layer).
         ``0.0`` if none is a KaSA adapter. Add it to the task loss, or set ``kasa_loss_in_forward=True``."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names or self.active_adapters)
-        total = 0.0
-        for module in self.model.modules():
-            if not isinstance(module, HeadMaskLayer):
-                continue
-            for name in names:
-                if module.headmask_kind.get(name) == KasaDelta.name:
-                    config = self.peft_config[name]
-                    total = total + KasaDelta.regularization(module.adapter_tensors(name), config.kasa_beta,
-                                                             config.kasa_gamma)
-        return total
+        return kasa_loss(self.model, names)
 
     def _prepare_model(self, peft_config: HeadMaskConfig, model: nn.Module) -> None:
         """Resolve layout and targets and validate everything before any module is replaced: the layout
