@@ -91,7 +91,8 @@ def run(base, method, seed, heads, batches, evals, args) -> dict:
     t = time.perf_counter()
     heldout_loss = study.mean_nll(model, evals["heldout"])
     general_loss = study.mean_nll(model, evals["general"])
-    em, outputs = study.exact_match(model, evals["tokenizer"], evals["em"], args.max_new_tokens, args.eval_batch)
+    em, outputs = (study.exact_match(model, evals["tokenizer"], evals["em"], args.max_new_tokens, args.eval_batch)
+                   if args.em_examples else (None, []))
     del model
     gc.collect()
     return dict(method=method, seed=seed, trainable=trainable, train_s=seconds, eval_s=time.perf_counter() - t,
@@ -120,7 +121,11 @@ def main() -> None:
     add("--out", default=str(study.RESULTS / "kasa_study.json"))
     add("--no-base-eval", action="store_true", help="skip the base model's held-out loss and exact match (another "
         "process of the same settings computes them; the general-text loss for forgetting is still computed)")
+    add("--combine", nargs="+", metavar="JSON", help="only render the table of these results files")
     args = parser.parse_args()
+    if args.combine:
+        print(render(args.combine))
+        return
     tf.logging.set_verbosity_error()
     tf.logging.disable_progress_bar()
     t0 = time.perf_counter()
@@ -138,11 +143,11 @@ def main() -> None:
                     general_tokens=args.general_chunks * args.max_length, parts=study.PARTS,
                     kasa=dict(beta=1e-4, gamma=1e-3, truncate="= rank"))
     base_general = study.mean_nll(base, evals["general"])
-    base_heldout, base_em = (float("nan"), float("nan")) if args.no_base_eval else (
-        study.mean_nll(base, evals["heldout"]),
-        study.exact_match(base, tokenizer, evals["em"], args.max_new_tokens, args.eval_batch)[0])
+    base_heldout = None if args.no_base_eval else study.mean_nll(base, evals["heldout"])
+    base_em = None if args.no_base_eval or not args.em_examples else \
+        study.exact_match(base, tokenizer, evals["em"], args.max_new_tokens, args.eval_batch)[0]
     settings.update(base_heldout_loss=base_heldout, base_general_loss=base_general, base_exact_match=base_em)
-    print(f"base: held-out {base_heldout:.4f} EM {base_em:.3f} general {base_general:.4f}", flush=True)
+    print(f"base: held-out {base_heldout} EM {base_em} general {base_general:.4f}", flush=True)
     runs = []
     for seed in args.seeds:
         batches = study.make_batches(random.Random(seed).sample(train_set, len(train_set)), args.batch_size, pad)
@@ -152,26 +157,46 @@ def main() -> None:
             runs.append(r)
             print(f"seed {seed} {method:10s} trainable {r['trainable']:>9,} {r['step_s']:.2f} s/step loss "
                   f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} held-out {r['heldout_loss']:.4f} EM "
-                  f"{r['exact_match']:.3f} forgetting {r['general_loss'] - base_general:+.4f} "
+                  f"{r['exact_match']} forgetting {r['general_loss'] - base_general:+.4f} "
                   f"[{time.perf_counter() - t0:.0f} s]", flush=True)
             write_json(args.out, dict(settings=settings, partial=True, runs=runs))
-    rows = study.summarize(runs, base_general)
     settings.update(wall_s=time.perf_counter() - t0)
-    info = dict(machine(), platform=platform.platform())
-    write_json(args.out, dict(settings=settings, machine=info, summary=rows, runs=runs))
-    lines = ["| method | seeds | trainable params | held-out answer loss | exact match % | forgetting | train s |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        f = lambda s, fmt="{:.4f}", k=1.0: (fmt.format(s["mean"] * k) + (f" ± {fmt.format(s['std'] * k)}"  # noqa
-                                                                              if s["n"] > 1 else ""))
-        lines.append(f"| {r['method']} | {len(r['seeds'])} | {r['trainable']['mean']:,.0f} | {f(r['heldout_loss'])} "
-                     f"| {f(r['exact_match'], '{:.1f}', 100)} | {f(r['forgetting'], '{:+.4f}')} | "
-                     f"{f(r['train_s'], '{:.0f}')} |")
-    lines += ["", f"base: held-out {base_heldout:.4f}, EM {100 * base_em:.1f}%. Command: `{settings['command']}`; "
-              f"wall {settings['wall_s'] / 60:.1f} min."]
+    write_json(args.out, dict(settings=settings, machine=dict(machine(), platform=platform.platform()), runs=runs))
+    print(render([args.out]))
+
+
+def spread(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    sd = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.4f}{sd} ({min(values):.4f}..{max(values):.4f})"
+
+
+def render(paths) -> str:
+    """The markdown table of the runs in the results JSON ``paths`` (one study split over processes), written to
+    benchmarks/results/kasa_study.md."""
+    import json
+
+    data = [json.loads(open(p).read()) for p in paths]
+    runs = [r for d in data for r in d["runs"]]
+    base = data[0]["settings"]
+    lines = ["| method | seeds | trainable params | held-out answer loss (mean ± std, min..max) | exact match | "
+             "forgetting (general loss Δ) | s/step |", "|---|---|---|---|---|---|---|"]
+    for method in METHODS:
+        rs = [r for r in runs if r["method"] == method]
+        if not rs:
+            continue
+        lines.append(f"| {method} | {sorted(r['seed'] for r in rs)} | {rs[0]['trainable']:,} | "
+                     f"{spread([r['heldout_loss'] for r in rs])} | {spread([r['exact_match'] for r in rs])} | "
+                     f"{spread([r['general_loss'] - base['base_general_loss'] for r in rs])} | "
+                     f"{statistics.mean(r['step_s'] for r in rs):.1f} |")
+    commands = sorted({d["settings"]["command"] for d in data})
+    lines += ["", f"base: held-out {base.get('base_heldout_loss')}, general {base['base_general_loss']:.4f}. "
+              f"Commands: {'; '.join(f'`{c}`' for c in commands)}."]
     text = "\n".join(lines) + "\n"
     study.write_text(study.RESULTS / "kasa_study.md", text)
-    print(text)
+    return text
 
 
 if __name__ == "__main__":

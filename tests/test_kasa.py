@@ -224,7 +224,8 @@ def test_mixing_with_a_dense_head_adapter_and_with_a_lora_adapter(tmp_path):
     from peft import LoraConfig
 
     torch.manual_seed(2)
-    other = get_peft_model(copy.deepcopy(fp32), LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    other = get_peft_model(copy.deepcopy(fp32), LoraConfig(target_modules=["q_proj", "v_proj"],
+                                                            init_lora_weights=False))
     other.save_pretrained(tmp_path / "other")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
