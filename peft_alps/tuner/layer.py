@@ -37,6 +37,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..heads.delta import TENSOR_PREFIX, DenseSlice, delta_kind, delta_kind_of, merged_slice
 from ..heads.layout import linear_dim, linear_frame
+from ..heads.modules import is_dtensor, is_zero3_partition
 from . import gmt
 from .mixed_batch import BASE, check_layer_call
 
@@ -139,6 +140,10 @@ class HeadMaskLayer(BaseTunerLayer):
             if self.merged:
                 raise ValueError(f"Adapter {adapter_name!r} (delta kind {kind.name!r}) is computed from the base "
                                  f"weights, but adapters {self.merged_adapters} are merged into them: unmerge first.")
+            if is_dtensor(self.get_base_layer().weight) or is_zero3_partition(self.get_base_layer().weight):
+                raise ValueError(f"Adapter {adapter_name!r} (delta kind {kind.name!r}) is computed from the whole base "
+                                 f"slice, but this weight is a shard (FSDP2 / DeepSpeed ZeRO-3): create the adapter "
+                                 f"before sharding, or use kasa_truncate=0.")
             weight = self.linear_weight().detach()
             buffers = kind.prepare(weight.index_select(linear_dim(axis), index.to(weight.device)), axis)
         for tensor, value in kind.init(shapes, config.init_weights).items():
