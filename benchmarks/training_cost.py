@@ -11,6 +11,10 @@ Every variant trains the same model on the same batch with AdamW (lr 1e-4, weigh
 * paper-recipe: the ALPS paper's description, with the same 10% heads: the full q/k/v weights of every layer
   trainable, gradient rows of the heads not selected zeroed by tensor hooks (``common.paper_recipe_hooks``).
 * lora r16 / r64: stock PEFT LoRA on q_proj, k_proj, v_proj (default alpha, no dropout).
+* kasa r4 / r8 / r16 10%: the same 10% heads, q/k/v, with the KaSA head delta (``delta_kind="kasa"``,
+  ``kasa_rank`` 4 / 8 / 16, truncation r_t = r); lora+kasa r16: PEFT's own LoRA+KaSA
+  (``LoraConfig(r=16, kasa_config=KasaConfig())``) on q/k/v. The KaSA regulariser is left out of the timed step
+  for both (PEFT adds it only by hand; it is a few r x r Gram matrices).
 * full: full fine-tuning.
 
 Settings: Llama built from config with GQA (``common.SIZES`` small and large, vocab 4096) in fp32 and in bf16
@@ -35,7 +39,10 @@ Measured per setting:
   repeats, variants interleaved) and forward-only latency (eval, no_grad) of each unmerged adapter against the
   merged model, interleaved round-robin.
 
-    python benchmarks/training_cost.py [--settings small-fp32 ...] [--quick]
+    python benchmarks/training_cost.py [--settings small-fp32 ...] [--variants ...] [--quick]
+
+``--variants`` runs a subset (floor, headmask 10% and lora r16 are always added: the ratios and the forward
+comparison need them); ratios to a variant that did not run are None.
 
 Prints markdown tables (a "targets" table last) and writes benchmarks/results/training_cost.json.
 """
@@ -57,7 +64,7 @@ from pathlib import Path
 
 import torch
 import transformers as tf
-from peft import LoraConfig, ShiraConfig, get_peft_model
+from peft import KasaConfig, LoraConfig, ShiraConfig, get_peft_model
 
 from common import SIZES, llama, machine, paper_recipe_hooks, time_training_steps, write_json
 from peft_alps import HeadMaskConfig
@@ -67,9 +74,11 @@ warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWa
 tf.logging.disable_progress_bar()  # SmolLM2's loading bar
 
 VARIANTS = ("floor", "headmask 10%", "headmask 30%", "headmask 10% qkvo", "paper-recipe", "lora r16", "lora r64",
-            "full")
+            "full", "kasa r4 10%", "kasa r8 10%", "kasa r16 10%", "lora+kasa r16")
 HEADMASK = ("headmask 10%", "headmask 30%", "headmask 10% qkvo")
-ADAPTERS = HEADMASK + ("lora r16", "lora r64")  # PEFT adapters: saved, merged, timed unmerged vs merged
+KASA = ("kasa r4 10%", "kasa r8 10%", "kasa r16 10%")
+ADAPTERS = HEADMASK + KASA + ("lora r16", "lora r64", "lora+kasa r16")  # saved, merged, timed unmerged vs merged
+ALWAYS = ("floor", "headmask 10%", "lora r16")
 QKV = ["q_proj", "k_proj", "v_proj"]
 # setting -> (model, dtype, timed rounds by default)
 SETTINGS = {
@@ -111,8 +120,13 @@ def build(variant: str, model: torch.nn.Module, heads: dict):
     elif variant in HEADMASK:
         parts = ["q", "k", "v", "o"] if variant.endswith("qkvo") else ["q", "k", "v"]
         model = get_peft_model(model, HeadMaskConfig(heads=heads[0.3 if "30%" in variant else 0.1], parts=parts))
+    elif variant in KASA:
+        model = get_peft_model(model, HeadMaskConfig(heads=heads[0.1], parts=["q", "k", "v"], delta_kind="kasa",
+                                                     kasa_rank=int(variant.split()[1][1:])))
     elif variant == "paper-recipe":
         paper_recipe_hooks(model, heads[0.1], ["q", "k", "v"])
+    elif variant == "lora+kasa r16":
+        model = get_peft_model(model, LoraConfig(r=16, target_modules=QKV, kasa_config=KasaConfig()))
     elif variant.startswith("lora"):
         model = get_peft_model(model, LoraConfig(r=int(variant.split("r")[-1]), target_modules=QKV))
     elif variant == "full":
@@ -248,7 +262,7 @@ def run_setting(setting: str, args) -> dict:
     cfg = base.config
     heads = selections(cfg)
     ids = input_ids(cfg, args.batch, args.seq)
-    variants = {v: build(v, copy.deepcopy(base), heads) for v in VARIANTS}
+    variants = {v: build(v, copy.deepcopy(base), heads) for v in args.variants}
     counts = {v: trainable(m) for v, (m, _) in variants.items()}
     steps, opt_steps = time_training_steps(variants, ids, rounds, warmup=args.warmup)
     t_steps = time.perf_counter() - t0
@@ -262,12 +276,13 @@ def run_setting(setting: str, args) -> dict:
         expected = 2 * trainable_bytes(model)
         rows[v] = dict(trainable=counts[v], trainable_dtype_bytes=sorted(param_bytes), median_ms=1e3 * med[v],
                        min_ms=1e3 * min(ts), max_ms=1e3 * max(ts), opt_step_ms=1e3 * statistics.median(opt_steps[v]),
-                       vs_lora_r16=med[v] / med["lora r16"], vs_paper_recipe=med[v] / med["paper-recipe"],
+                       vs_lora_r16=med[v] / med["lora r16"],
+                       vs_paper_recipe=med[v] / med["paper-recipe"] if "paper-recipe" in med else None,
                        vs_floor=med[v] / med["floor"], opt_state_bytes=total, opt_moment_bytes=moments,
                        opt_moments_expected=expected, opt_moments_ok=moments == expected)
 
     t1 = time.perf_counter()
-    trained = {v: variants[v][0] for v in ADAPTERS}
+    trained = {v: variants[v][0] for v in ADAPTERS if v in variants}
     variants.clear()  # drop the optimizers and the non-adapter models before copying adapters around
     gc.collect()
     adapters = {}
@@ -286,7 +301,7 @@ def run_setting(setting: str, args) -> dict:
             del merged[v]
     fwd = time_forwards({"merged": merged_model, **trained}, ids, args.forward_rounds)
     fwd_merged = statistics.median(fwd["merged"])
-    for v in ADAPTERS:
+    for v in trained:
         adapters[v].update(merge_ms=1e3 * statistics.median(merge_times[v]), merge_min_ms=1e3 * min(merge_times[v]),
                            forward_ms=1e3 * statistics.median(fwd[v]),
                            forward_vs_merged=statistics.median(fwd[v]) / fwd_merged)
@@ -296,7 +311,7 @@ def run_setting(setting: str, args) -> dict:
 
     rss = {}
     if not args.no_rss:
-        for v in VARIANTS:
+        for v in args.variants:
             rss[v] = peak_rss(setting, v, args.batch, args.seq, args.rss_steps)
             rows[v].update(rss[v])
     t3 = time.perf_counter()
@@ -312,7 +327,7 @@ def run_setting(setting: str, args) -> dict:
 
 # ----- reporting -----
 def fmt_ratio(x) -> str:
-    return f"{x:.3f}"
+    return "-" if x is None else f"{x:.3f}"
 
 
 def print_setting(res: dict, args) -> None:
@@ -347,22 +362,31 @@ def targets(results: list) -> list:
     out = []
     for res in results:
         rows, ad, s = res["rows"], res["adapters"], res["setting"]
+        headmask = [v for v in HEADMASK if v in rows]
         hm = rows["headmask 10%"]
         out.append(("headmask 10% step time <= 1.00x lora r16", s, f"{hm['vs_lora_r16']:.3f}x",
                     hm["vs_lora_r16"] <= 1.0))
         out.append(("headmask 10% step time <= 1.10x floor", s, f"{hm['vs_floor']:.3f}x", hm["vs_floor"] <= 1.10))
+        lora = rows["lora r16"]
+        for v in (v for v in KASA if v in rows):  # issue 16's goal for the KaSA head delta
+            k = rows[v]
+            out.append((f"{v}: trainable < lora r16", s, f"{k['trainable']:,} vs {lora['trainable']:,}",
+                        k["trainable"] < lora["trainable"]))
+            out.append((f"{v}: file < lora r16", s, f"{ad[v]['file_bytes']:,} vs {ad['lora r16']['file_bytes']:,}",
+                        ad[v]["file_bytes"] < ad["lora r16"]["file_bytes"]))
+            out.append((f"{v}: step time <= lora r16", s, f"{k['vs_lora_r16']:.3f}x", k["vs_lora_r16"] <= 1.0))
         if "peak_mb" in hm:
             lr = rows["lora r16"]
             out.append(("headmask 10% peak RSS <= lora r16", s, f"{hm['peak_mb']:.0f} vs {lr['peak_mb']:.0f} MB",
                         hm["peak_mb"] <= lr["peak_mb"]))
-        ok = all(rows[v]["opt_moments_ok"] and rows[v]["trainable_dtype_bytes"] == [4] for v in HEADMASK)
+        ok = all(rows[v]["opt_moments_ok"] and rows[v]["trainable_dtype_bytes"] == [4] for v in headmask)
         out.append(("optimizer state == 2 x trainable x 4 bytes (all headmask)", s,
                     ", ".join(f"{rows[v]['opt_moment_bytes']:,} = 8 x {rows[v]['trainable']:,}"
-                              if rows[v]["opt_moments_ok"] else f"{rows[v]['opt_moment_bytes']:,}" for v in HEADMASK),
+                              if rows[v]["opt_moments_ok"] else f"{rows[v]['opt_moment_bytes']:,}" for v in headmask),
                     ok))
-        worst = max(ad[v]["overhead_bytes"] for v in HEADMASK)
+        worst = max(ad[v]["overhead_bytes"] for v in headmask)
         out.append(("adapter file == delta bytes + < 64 KiB (all headmask)", s, f"max overhead {worst:,} bytes",
-                    all(0 <= ad[v]["overhead_bytes"] < FILE_OVERHEAD_LIMIT for v in HEADMASK)))
+                    all(0 <= ad[v]["overhead_bytes"] < FILE_OVERHEAD_LIMIT for v in headmask)))
         out.append(("headmask 10% merge time <= lora r16", s,
                     f"{ad['headmask 10%']['merge_ms']:.2f} vs {ad['lora r16']['merge_ms']:.2f} ms",
                     ad["headmask 10%"]["merge_ms"] <= ad["lora r16"]["merge_ms"]))
@@ -384,12 +408,15 @@ def main() -> None:
     parser.add_argument("--forward-rounds", type=int, default=5)
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     parser.add_argument("--no-shira", action="store_true", help="skip the SHiRA adapter-file comparison")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="variants to run (default: all; " + ", ".join(ALWAYS) + " always run)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: settings " + " and ".join(QUICK_SETTINGS) + ", batch 2 x seq 64, "
                         "3 rounds after 1 warm-up, 3 merge repeats and forward rounds")
     parser.add_argument("--out", default=None, help="JSON results file (default: benchmarks/results/"
                         "training_cost.json, with --quick training_cost_quick.json)")
     args = parser.parse_args()
+    args.variants = [v for v in VARIANTS if v in set(args.variants) | set(ALWAYS)]
     results_dir = Path(__file__).parent / "results"
     args.out = args.out or str(results_dir / ("training_cost_quick.json" if args.quick else "training_cost.json"))
     if args.quick:

@@ -18,6 +18,12 @@ All in the ``nn.Linear`` frame; GPT-2 ``Conv1D`` modules get ``fan_in_fan_out=Tr
 Merging the exported LoRA gives the head-mask merged weight exactly (``B @ A`` is ``D``
 placed at ``idx``, with no rounding); the LoRA forward ``x @ W^T + x @ (B @ A)^T`` agrees
 with the head-mask forward ``x @ (W + D)^T`` to float rounding (~1e-6 in fp32).
+
+A kind whose update is already a thin product (:meth:`~peft_alps.heads.delta.HeadDelta.factors`, ``D = L @ R``,
+e.g. KaSA: rank ``r + r_t`` per head unit) exports its factors instead: rows ``B = L`` placed at ``idx``, ``A = R``;
+columns ``B = L``, ``A = R`` placed at ``idx``; the LoRA rank is the factors' width (exact, but ``B @ A`` is then
+a float product, equal to ``D`` to rounding). A kind with buffers computed from the base (KaSA's truncation) is
+exported from a ``PeftModel`` holding it (the base is needed; a folder export raises naming the fix).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from ..heads.delta import delta_kind
+from ..heads.delta import delta_kind_of
 from ..io.adapter import (BIN_NAME, CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, check_headmask, check_weights,
                           expected_tensors, head_tensor_key, read_config, read_heads, split_head_key)
 from ..io.files import staged_folder
@@ -57,16 +63,26 @@ class _Slice:
     bias: Optional[torch.Tensor]  # [n] bias update (rows of a biased projection) or None
     conv1d: bool
     base_has_bias: Optional[bool]  # None: unknown (exported from a folder without the base model)
+    factors: Optional[tuple] = None  # (L, R) with L @ R == delta, from the delta kind (HeadDelta.factors)
 
     @property
     def rank(self) -> int:
-        return int(self.index.numel())
+        return int(self.factors[1].shape[0]) if self.factors is not None else int(self.index.numel())
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A [r, in], B [out, r])`` with ``B @ A`` equal to the dense update."""
         delta = self.delta.detach().to("cpu")
         r = self.rank
         cols = torch.arange(r)
+        if self.factors is not None:  # the kind's thin factors, placed at the selected channels
+            left, right = (f.detach().to("cpu", delta.dtype).contiguous() for f in self.factors)
+            if self.axis == "out":
+                b = torch.zeros(self.out_features, r, dtype=delta.dtype)
+                b[self.index] = left
+                return right, b
+            a = torch.zeros(r, self.in_features, dtype=delta.dtype)
+            a[:, self.index] = right
+            return a, left
         if self.axis == "out":
             b = torch.zeros(self.out_features, r, dtype=delta.dtype)
             b[self.index, cols] = 1
@@ -130,7 +146,15 @@ def _read_folder(folder: Path, force: bool = False) -> tuple[dict, list[_Slice],
         raise FileNotFoundError(f"The adapter folder does not exist: {folder}")
     config = read_config(folder, ExportError)
     heads, parts, layout = read_heads(config, folder / CONFIG_NAME, ExportError)
-    kind = delta_kind(config.get("delta_kind", "dense"))
+    try:
+        kind = delta_kind_of(config)
+    except ValueError as e:
+        raise ExportError(f"{folder / CONFIG_NAME}: {e}") from None
+    if kind.buffers:
+        raise ExportError(f"{folder} is a {kind.name!r} adapter whose update depends on the base weights (e.g. "
+                          f"KaSA's truncation, kasa_truncate > 0), which a folder export does not have: load it on "
+                          f"its base and export the model, export_lora(PeftModel.from_pretrained(base, "
+                          f"{str(folder)!r}), out_dir).")
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         if (folder / BIN_NAME).is_file():  # a pickle: never loaded here
@@ -179,7 +203,8 @@ def _read_folder(folder: Path, force: bool = False) -> tuple[dict, list[_Slice],
             delta, bias = kind.update(tensors, axis)
             n, _, out_f, in_f, has_bias = projections[module]
             slices.append(_Slice(module, axis, torch.tensor(channels, dtype=torch.long), out_f, in_f, delta, bias,
-                                 bool(layout.transposed), True if has_bias else (False if axis == "out" else None)))
+                                 bool(layout.transposed), True if has_bias else (False if axis == "out" else None),
+                                 kind.factors(tensors, axis)))
     return config, slices, extra
 
 
@@ -210,7 +235,7 @@ def _read_model(model, adapter_name: str) -> tuple[dict, list[_Slice], dict]:
         delta, bias = layer.slice_update(adapter_name)
         slices.append(_Slice(name, layer.headmask_axis[adapter_name], layer.headmask_index[adapter_name].cpu(),
                              layer.out_features, layer.in_features, delta, bias, layer.is_conv1d,
-                             layer.get_base_layer().bias is not None))
+                             layer.get_base_layer().bias is not None, layer.slice_factors(adapter_name)))
     if not slices:
         raise ExportError(f"Adapter {adapter_name!r} wraps no module of the model.")
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
@@ -229,7 +254,7 @@ def _to_lora(config: dict, slices: list[_Slice], extra: dict):
     from peft import LoraConfig
 
     for s in slices:
-        tensors = [s.delta] + ([s.bias] if s.bias is not None else [])
+        tensors = [s.delta] + ([s.bias] if s.bias is not None else []) + list(s.factors or ())
         if not all(torch.isfinite(t.detach()).all() for t in tensors):
             raise ExportError(f"NaN or inf in the delta of {s.module}; nothing was exported.")
     conv1d = {s.conv1d for s in slices}

@@ -55,7 +55,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..heads.delta import delta_kind, merged_slice
+from ..heads.delta import DenseSlice, HeadDelta, delta_kind_of, merged_slice
 from ..heads.layout import HeadLayout, LayoutError, find_name, resolve_layout
 from ..io.adapter import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, expected_tensors, head_tensor_key,
                           read_config, read_heads, read_json, split_head_key, tensor_problem)
@@ -116,7 +116,7 @@ class _Edit:
     axis: Optional[str] = None  # "out" / "in" (nn.Linear frame); None: replace the whole tensor (modules_to_save)
     stored_dim: Optional[int] = None  # the stored tensor's dimension the channels index
     channels: list = field(default_factory=list)
-    kind: str = "dense"
+    kind: HeadDelta = field(default_factory=DenseSlice)  # the adapter's delta kind, configured by its config
     bias: bool = False  # this edit changes the bias (the slice update's bias part)
     transposed: bool = False  # the update is in the nn.Linear frame, the stored weight is [in, out]
 
@@ -223,7 +223,10 @@ def _prepare(base_dir, adapter_dir, dtype, force: bool = False) -> _MergeJob:
         raise MergeError("streamed merging needs a little-endian machine (safetensors stores little-endian).")
     cfg = read_config(adapter, MergeError)
     heads, parts, recorded = read_heads(cfg, adapter / CONFIG_NAME, MergeError)
-    kind = delta_kind(cfg.get("delta_kind", "dense"))
+    try:
+        kind = delta_kind_of(cfg)
+    except ValueError as e:
+        raise MergeError(f"{adapter / CONFIG_NAME}: {e}") from None
     base_config = read_json(base / "config.json", "base config", MergeError)
     index, shards = _read_base(base)
     layout = _base_layout(base, recorded, adapter, shards)
@@ -256,11 +259,14 @@ def _prepare(base_dir, adapter_dir, dtype, force: bool = False) -> _MergeJob:
         bias = find_name(where, f"{name}.bias", f"base {base}", missing_ok=True) if axis == "out" else None
         out_f, in_f = layout.linear_shape(base_entry(weight).shape)
         projections[full] = (len(channels), axis, out_f, in_f, bias is not None)
+        if bias is not None and kind.shapes(len(channels), axis, out_f, in_f, True) == \
+                kind.shapes(len(channels), axis, out_f, in_f, False):
+            bias = None  # the kind has no bias update (KaSA): the base bias is copied as it is
         keys = {tensor: head_tensor_key(full, tensor) for tensor in kind.tensors}
-        edits[weight] = _Edit(f"{full}.weight", keys, axis, layout.stored_dim(module), channels, kind.name,
+        edits[weight] = _Edit(f"{full}.weight", keys, axis, layout.stored_dim(module), channels, kind,
                               transposed=layout.transposed)
         if bias is not None:
-            edits[bias] = _Edit(f"{full}.bias", keys, axis, 0, channels, kind.name, bias=True)
+            edits[bias] = _Edit(f"{full}.bias", keys, axis, 0, channels, kind, bias=True)
     problem = tensor_problem({k: e.shape for k, e in adapter_shard.entries.items()},
                              expected_tensors(kind, projections))
     if problem:
@@ -331,11 +337,14 @@ def _apply(t: torch.Tensor, edit: _Edit, adapter, adapter_shard: Header, sketche
     # base: the slice update is computed in that dtype, as the layer computes it
     compute = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
     tensors = {name: read(key).to(compute) for name, key in edit.tensors.items() if key in adapter_shard.entries}
-    delta, bias_delta = delta_kind(edit.kind).update(tensors, edit.axis)
-    update = bias_delta if edit.bias else (delta.t() if edit.transposed else delta)
     idx = torch.tensor(edit.channels, dtype=torch.long)
     base_slice = t.index_select(edit.stored_dim, idx)
-    sketches[edit.module_tensor] = sketch(base_slice.t() if edit.transposed else base_slice)
+    linear_slice = base_slice.t() if edit.transposed else base_slice
+    sketches[edit.module_tensor] = sketch(linear_slice)
+    if not edit.bias:  # a kind's buffers come from the weight's base slice, as the layer computes them at load
+        tensors.update(edit.kind.prepare(linear_slice, edit.axis))
+    delta, bias_delta = edit.kind.update(tensors, edit.axis)
+    update = bias_delta if edit.bias else (delta.t() if edit.transposed else delta)
     return t.index_copy_(edit.stored_dim, idx, merged_slice(base_slice, update))
 
 

@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from ..heads.delta import delta_kind
+from ..heads.delta import delta_kind_of
 from ..heads.layout import HeadLayout, check_parts, normalise_heads
 from ..io.adapter import WEIGHTS_NAME
 from ..io.card import write_model_card
@@ -69,7 +69,32 @@ class HeadMaskConfig(PeftConfig):
     delta_kind: str = field(
         default="dense",
         metadata={"help": "How the selected slices are trained (peft_alps.heads.delta): 'dense' (default, ALPS) "
-                  "trains every entry of the slices; other kinds are registered with register_delta_kind."},
+                  "trains every entry of the slices; 'kasa' trains a KaSA singular-value update of rank kasa_rank "
+                  "per head; other kinds are registered with register_delta_kind."},
+    )
+    kasa_rank: int = field(
+        default=8,
+        metadata={"help": "delta_kind='kasa': rank r of each head's update dU diag(dsigma) dV^T."},
+    )
+    kasa_truncate: Optional[int] = field(
+        default=None,
+        metadata={"help": "delta_kind='kasa': number r_t of smallest singular components of each head's base slice "
+                  "the delta removes (computed from the base at load, never stored, the base itself untouched). "
+                  "None (default): kasa_rank, as the paper and PEFT; 0: no truncation."},
+    )
+    kasa_beta: float = field(
+        default=1e-4,
+        metadata={"help": "delta_kind='kasa': weight of ||dsigma||^2 in model.kasa_loss() (PEFT's KasaConfig.beta)."},
+    )
+    kasa_gamma: float = field(
+        default=1e-3,
+        metadata={"help": "delta_kind='kasa': weight of ||dU^T dU - I||_F + ||dV^T dV - I||_F in model.kasa_loss() "
+                  "(PEFT's KasaConfig.gamma)."},
+    )
+    kasa_loss_in_forward: bool = field(
+        default=False,
+        metadata={"help": "delta_kind='kasa': in training mode, add model.kasa_loss() to the `loss` the model "
+                  "returns (when it returns one, i.e. labels were passed): Trainer and TRL then train on it."},
     )
     grad_mask_ratio: float = field(
         default=0.0,
@@ -125,10 +150,10 @@ class HeadMaskConfig(PeftConfig):
                 f"forward_strategy must be one of {FORWARD_STRATEGIES} or None (chosen by the base), got "
                 f"{self.forward_strategy!r}."
             )
-        delta_kind(self.delta_kind)  # ValueError naming the known kinds
         self.grad_mask_ratio = _check_grad_mask_ratio(self.grad_mask_ratio)
         if self.layout is not None:  # a HeadLayout object or its dict; validated here, stored as a dict
             self.layout = HeadLayout.coerce(self.layout).to_dict()
+        delta_kind_of(self)  # ValueError naming the known kinds, or the kind's bad option
         if self.id2label is not None:  # JSON keys are strings
             self.id2label = {int(k): str(v) for k, v in dict(self.id2label).items()}
         if self.selection is not None and not isinstance(self.selection, dict):

@@ -11,6 +11,10 @@ Per adapter ``a`` the layer holds
 * ``headmask_kind[a]``: the delta kind (:mod:`peft_alps.heads.delta`), whose trainable tensors live in the
   ``ParameterDict`` attributes ``headmask_<tensor>`` (dense slices: ``headmask_delta`` ``[n, in]`` or
   ``[out, n]`` and ``headmask_bias`` ``[n]`` for the rows of a biased projection),
+* ``headmask_<buffer>[a]``: for a kind with buffers (:attr:`~peft_alps.heads.delta.HeadDelta.buffers`, e.g.
+  KaSA's truncation term), the tensors it computed from the base slice when the adapter was added, in
+  non-persistent ``BufferDict`` attributes (never saved; recomputed whenever the adapter is created or loaded),
+* ``headmask_kasa_loss[a]``: a KaSA adapter's regulariser options ``(beta, gamma, add it in forward)``,
 * ``headmask_grad_mask_ratio[a]``: GMT ratio; if > 0 the layer is tracked by :mod:`peft_alps.tuner.gmt`, which
   masks the small gradients of ``a``'s tensors before each optimizer step.
 
@@ -34,8 +38,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..heads.delta import TENSOR_PREFIX, DenseSlice, delta_kind, merged_slice
+from ..heads.delta import TENSOR_PREFIX, DenseSlice, delta_kind, delta_kind_of, merged_slice
 from ..heads.layout import linear_dim, linear_frame
+from ..heads.modules import is_dtensor, is_zero3_partition
 from . import gmt
 from .mixed_batch import BASE, check_layer_call
 from .quantized import dequantized_weight, merge_refusal, quantization_backend
@@ -100,7 +105,7 @@ class HeadMaskLayer(BaseTunerLayer):
     # the dense kind's tensors; a kind with other tensors adds its attributes per instance (as PEFT's DoRA does)
     adapter_layer_names = tuple(TENSOR_PREFIX + t for t in DenseSlice.tensors)
     other_param_names = ("headmask_index", "headmask_axis", "headmask_kind", "headmask_strategy",
-                         "headmask_grad_mask_ratio")
+                         "headmask_grad_mask_ratio", "headmask_kasa_loss")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -111,6 +116,7 @@ class HeadMaskLayer(BaseTunerLayer):
         self.headmask_kind: dict[str, str] = {}
         self.headmask_strategy: dict[str, str] = {}
         self.headmask_grad_mask_ratio: dict[str, float] = {}
+        self.headmask_kasa_loss: dict[str, tuple] = {}  # KaSA adapters: (beta, gamma, add in forward)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         # stack of (axis, index, original weight slice, original bias slice) for bit-exact unmerge
@@ -131,20 +137,40 @@ class HeadMaskLayer(BaseTunerLayer):
         if not channels or max(channels) >= limit or min(channels) < 0:
             raise ValueError(f"Head channels {channels[:3]}...{channels[-3:]} do not fit a {axis}-dimension of "
                              f"{limit}.")
-        kind = delta_kind(config.delta_kind)
+        kind = delta_kind_of(config)
         has_bias = axis == "out" and self.get_base_layer().bias is not None
         shapes = kind.shapes(len(channels), axis, self.out_features, self.in_features, has_bias)
+        index = torch.tensor(channels, dtype=torch.long)
+        buffers = {}
+        if kind.buffers:  # computed from the base slice: it must be the base's, not one with an adapter merged in
+            if self.merged:
+                raise ValueError(f"Adapter {adapter_name!r} (delta kind {kind.name!r}) is computed from the base "
+                                 f"weights, but adapters {self.merged_adapters} are merged into them: unmerge first.")
+            if is_dtensor(self.get_base_layer().weight) or is_zero3_partition(self.get_base_layer().weight):
+                raise ValueError(f"Adapter {adapter_name!r} (delta kind {kind.name!r}) is computed from the whole base "
+                                 f"slice, but this weight is a shard (FSDP2 / DeepSpeed ZeRO-3): create the adapter "
+                                 f"before sharding, or use kasa_truncate=0.")
+            weight = self.linear_weight().detach()
+            buffers = kind.prepare(weight.index_select(linear_dim(axis), index.to(weight.device)), axis)
         for tensor, value in kind.init(shapes, config.init_weights).items():
             attr = TENSOR_PREFIX + tensor
             if attr not in self.adapter_layer_names:
                 setattr(self, attr, nn.ParameterDict({}))
                 self.adapter_layer_names = self.adapter_layer_names + (attr,)
             getattr(self, attr)[adapter_name] = nn.Parameter(value)
-        self.headmask_index[adapter_name] = torch.tensor(channels, dtype=torch.long)
+        for buffer, value in buffers.items():
+            attr = TENSOR_PREFIX + buffer
+            if attr not in self.other_param_names:
+                setattr(self, attr, BufferDict({}, persistent=False))
+                self.other_param_names = self.other_param_names + (attr,)
+            getattr(self, attr)[adapter_name] = value
+        self.headmask_index[adapter_name] = index
         self.headmask_axis[adapter_name] = axis
         self.headmask_kind[adapter_name] = kind.name
         self.headmask_strategy[adapter_name] = self._strategy(config.forward_strategy)
         self.headmask_grad_mask_ratio[adapter_name] = config.grad_mask_ratio
+        if kind.name == "kasa":
+            self.headmask_kasa_loss[adapter_name] = (config.kasa_beta, config.kasa_gamma, config.kasa_loss_in_forward)
         if config.grad_mask_ratio > 0:
             gmt.track(self)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -160,13 +186,18 @@ class HeadMaskLayer(BaseTunerLayer):
                              "use 'output_add' or leave it unset.")
         return requested
 
+    def _buffer_dicts(self) -> list[BufferDict]:
+        """The index and every kind buffer ``BufferDict`` of this layer."""
+        return [getattr(self, a) for a in self.other_param_names if isinstance(getattr(self, a, None), BufferDict)]
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
-        """PEFT's move of the adapter to the base layer's device and dtype, with the index only moved: PEFT < 0.21
-        casts every BufferDict entry to the base's float dtype, which would round the channel indices (bf16)."""
-        index = self.headmask_index.pop(adapter_name) if adapter_name in self.headmask_index else None
+        """PEFT's move of the adapter to the base layer's device and dtype, with the buffers only moved: PEFT < 0.21
+        casts every BufferDict entry to the base's float dtype, which would round the channel indices (bf16), and
+        a kind's buffers (float32, from a float64 computation) keep their precision as the trainable tensors do."""
+        held = [(d, d.pop(adapter_name)) for d in self._buffer_dicts() if adapter_name in d]
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
-        if index is not None:
-            self.headmask_index[adapter_name] = index.to(device or self.get_base_layer().weight.device)
+        for d, value in held:
+            d[adapter_name] = value.to(device or self.get_base_layer().weight.device)
 
     # ----- the seam: an adapter's tensors -> its slice update -----
     def adapter_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -175,10 +206,25 @@ class HeadMaskLayer(BaseTunerLayer):
         return {t: getattr(self, TENSOR_PREFIX + t)[adapter_name] for t in kind.tensors
                 if adapter_name in getattr(self, TENSOR_PREFIX + t, {})}
 
+    def adapter_buffers(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """``{buffer name: tensor}`` of ``adapter_name``'s delta kind in this layer (computed from the base slice;
+        empty for the dense kind)."""
+        kind = delta_kind(self.headmask_kind[adapter_name])
+        return {b: getattr(self, TENSOR_PREFIX + b)[adapter_name] for b in kind.buffers
+                if adapter_name in getattr(self, TENSOR_PREFIX + b, {})}
+
     def slice_update(self, adapter_name: str):
         """``(D, bias update or None)`` of ``adapter_name`` (differentiable; see :mod:`peft_alps.heads.delta`)."""
         kind = delta_kind(self.headmask_kind[adapter_name])
-        return kind.update(self.adapter_tensors(adapter_name), self.headmask_axis[adapter_name])
+        return kind.update({**self.adapter_tensors(adapter_name), **self.adapter_buffers(adapter_name)},
+                           self.headmask_axis[adapter_name])
+
+    def slice_factors(self, adapter_name: str):
+        """``(L, R)`` with ``L @ R`` the slice update ``D``, if the kind writes it as a thin product, else None
+        (:meth:`~peft_alps.heads.delta.HeadDelta.factors`)."""
+        kind = delta_kind(self.headmask_kind[adapter_name])
+        return kind.factors({**self.adapter_tensors(adapter_name), **self.adapter_buffers(adapter_name)},
+                            self.headmask_axis[adapter_name])
 
     def _slices(self, adapter_names, detach: bool = False):
         """``(slices, updates)`` for :func:`apply_slices`, of the adapters this layer holds."""

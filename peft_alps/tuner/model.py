@@ -7,7 +7,7 @@ from peft.tuners.tuners_utils import BaseTuner, _get_in_out_features
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..heads.delta import delta_kind
+from ..heads.delta import KasaDelta, delta_kind_of
 from ..heads.infer import infer_layout
 from ..heads.layout import HeadLayout, linear_dim, resolve_layout
 from ..heads.modules import TASK_HEADS, base_layer, is_dtensor, is_zero3_partition, projection_shapes
@@ -62,14 +62,17 @@ def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
 
 
-def head_tensors(config: HeadMaskConfig, targets: dict, modules: dict) -> dict[str, tuple[int, ...]]:
-    """Saved name -> shape of every head tensor an adapter with ``config`` and ``targets`` holds on this model."""
+def head_tensors(config: HeadMaskConfig, targets: dict, modules: dict, layout: HeadLayout | None = None
+                 ) -> dict[str, tuple[int, ...]]:
+    """Saved name -> shape of every head tensor an adapter with ``config`` and ``targets`` holds on this model
+    (``layout``: the model's, if ``config`` does not record it yet)."""
     projections = {}
     for name, (channels, axis) in targets.items():
         base = base_layer(modules[name])
         in_features, out_features = _get_in_out_features(base)
         projections[name] = (len(channels), axis, out_features, in_features, axis == "out" and base.bias is not None)
-    return expected_tensors(delta_kind(config.delta_kind), projections)
+    options = vars(config) if layout is None else {**vars(config), "layout": layout.to_dict()}
+    return expected_tensors(delta_kind_of(options), projections)
 
 
 def quantized_targets(config: HeadMaskConfig, targets: dict, modules: dict) -> dict:
@@ -192,6 +195,30 @@ def _fingerprint(targets: dict, modules: dict, backends: dict) -> dict | None:
     return fingerprint(sketches, quantized[0] if quantized else dtypes.pop())
 
 
+def kasa_loss(model: nn.Module, adapter_names=None, in_forward_only: bool = False) -> torch.Tensor | float:
+    """:meth:`HeadMaskModel.kasa_loss` of the wrapped ``model`` (its HeadMaskLayers hold each KaSA adapter's
+    ``(beta, gamma, in_forward)``); ``adapter_names`` None: each layer's active adapters."""
+    total = 0.0
+    for module in model.modules():
+        if not isinstance(module, HeadMaskLayer):
+            continue
+        for name in adapter_names if adapter_names is not None else module.active_adapters:
+            options = module.headmask_kasa_loss.get(name)
+            if options is not None and (options[2] or not in_forward_only):
+                total = total + KasaDelta.regularization(module.adapter_tensors(name), options[0], options[1])
+    return total
+
+
+def _add_kasa_loss(model, args, output):
+    """Forward hook of the wrapped model when an adapter has ``kasa_loss_in_forward``: in training mode, a
+    returned ``loss`` (a ``ModelOutput``, labels passed) gets the active such adapters' regulariser added. On the
+    wrapped model, not the tuner: ``PeftModel.forward`` without a task type calls the wrapped model directly."""
+    loss = output.get("loss") if hasattr(output, "get") else None
+    if model.training and loss is not None:
+        output["loss"] = loss + kasa_loss(model, in_forward_only=True)
+    return output
+
+
 class HeadMaskModel(BaseTuner):
     """Creates a head-mask adapter: trainable slices of the selected attention heads only.
 
@@ -219,6 +246,19 @@ class HeadMaskModel(BaseTuner):
             _remove_adapter(model, adapter_name)
             raise
         expect_complete_loads(model)
+        if getattr(self.peft_config[adapter_name], "kasa_loss_in_forward", False) \
+                and not getattr(model, "_headmask_kasa_hook", False):
+            model.register_forward_hook(_add_kasa_loss)
+            model._headmask_kasa_hook = True
+
+    def kasa_loss(self, adapter_names=None) -> torch.Tensor | float:
+        """KaSA's regulariser summed over every head unit of every projection of the ``delta_kind="kasa"``
+        adapters ``adapter_names`` (default: the active ones), each with its config's ``kasa_beta`` and
+        ``kasa_gamma``: ``beta * ||dsigma||^2 + gamma * (||dU^T dU - I||_F + ||dV^T dV - I||_F)`` per head unit
+        (:meth:`~peft_alps.heads.delta.KasaDelta.regularization`; PEFT's ``_get_kasa_loss`` per LoRA layer).
+        ``0.0`` if none is a KaSA adapter. Add it to the task loss, or set ``kasa_loss_in_forward=True``."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names or self.active_adapters)
+        return kasa_loss(self.model, names)
 
     def _prepare_model(self, peft_config: HeadMaskConfig, model: nn.Module) -> None:
         """Resolve layout and targets and validate everything before any module is replaced: the layout
@@ -232,7 +272,7 @@ class HeadMaskModel(BaseTuner):
         backends = quantized_targets(peft_config, targets, modules)
         weights_file = getattr(peft_config, "_weights_file", None)
         if weights_file is not None:
-            check_weights_file(weights_file, head_tensors(peft_config, targets, modules))
+            check_weights_file(weights_file, head_tensors(peft_config, targets, modules, layout))
         current = base_fingerprint(targets, modules, backends)
         if current is not None:
             if peft_config.base_fingerprint is None:
