@@ -301,3 +301,18 @@ def test_smollm2_8bit_trains_saves_and_reloads(tmp_path):
         loaded = PeftModel.from_pretrained(fresh, tmp_path / "heads")
     loaded.train()
     assert torch.equal(loaded(**batch).logits, out)
+
+
+@pytest.mark.parametrize("backend", ["torchao_int8", "bnb_int8"])
+def test_kasa_truncation_comes_from_the_dequantized_slice(backend, base_dir):
+    """KaSA removes a head slice's smallest singular components: on a quantized base, those of the slice the model
+    computes with (dequantized), here against an SVD of the dequantized q rows of head 1 of layer 0."""
+    pm = get_peft_model(load(base_dir, backend), HeadMaskConfig(heads={0: [1]}, parts=["q"], delta_kind="kasa",
+                                                                 kasa_rank=2, kasa_truncate=3))
+    weight = dequantized_weights(pm)["model.layers.0.self_attn.q_proj.weight"].double()
+    d = 64 // 4
+    u, s, vh = torch.linalg.svd(weight[d:2 * d], full_matrices=False)
+    removed = u[:, -3:] @ torch.diag(s[-3:]) @ vh[-3:]
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    delta, _ = layer.slice_update("default")  # dU = 0 at init: the update is minus the removed components
+    torch.testing.assert_close(delta.double(), -removed, atol=1e-5, rtol=0)

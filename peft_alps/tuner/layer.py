@@ -150,7 +150,8 @@ class HeadMaskLayer(BaseTunerLayer):
                 raise ValueError(f"Adapter {adapter_name!r} (delta kind {kind.name!r}) is computed from the whole base "
                                  f"slice, but this weight is a shard (FSDP2 / DeepSpeed ZeRO-3): create the adapter "
                                  f"before sharding, or use kasa_truncate=0.")
-            weight = self.linear_weight().detach()
+            # a quantized base: the slice the model computes with (dequantized), as the forward and merges see it
+            weight = dequantized_weight(self.get_base_layer(), self.quantization_backend, self.is_conv1d).detach()
             buffers = kind.prepare(weight.index_select(linear_dim(axis), index.to(weight.device)), axis)
         for tensor, value in kind.init(shapes, config.init_weights).items():
             attr = TENSOR_PREFIX + tensor
