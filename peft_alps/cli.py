@@ -584,23 +584,16 @@ def select_data_command(args) -> int:
     if isinstance(args.budget, int) and args.budget > len(texts):
         raise CLIError(f"--budget {args.budget} is more than the {len(texts)} texts in {args.texts}")
 
-    import torch
-    import transformers
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer
 
     from .data_selection import select_data
     from .data_selection.embed import embed_texts
     from .io.files import staged_folder
 
     progress = sys.stderr.isatty()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
     try:
-        def load(folder):
-            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model, reference = load(args.model), load(args.reference) if args.reference else None
+        model, tokenizer = _causal_lm(args.model)
+        reference = _causal_lm(args.reference)[0] if args.reference else None
         if args.adapter:
             from peft import PeftModel  # HEADMASK is registered: importing .data_selection loaded PEFT
 
@@ -661,7 +654,8 @@ def check_layout_command(args) -> int:
 
 
 def _causal_lm(base: str):
-    """``(model, tokenizer)`` of the causal LM checkpoint folder ``base`` (fp32, eager attention), quietly."""
+    """``(model, tokenizer)`` of the causal LM checkpoint folder ``base`` (fp32, eager attention), with
+    transformers' logging and progress bars off (our own one-line errors and summaries only)."""
     import torch
     import transformers
 

@@ -49,14 +49,20 @@ def read_texts(path, limit: int | None = None) -> list[str]:
     return texts[:limit]
 
 
-def text_batches(tokenizer, texts: list[str], batch_size: int = 4, max_length: int = 128) -> list[dict]:
-    """Tokenize ``texts`` (truncated to ``max_length`` tokens) into padded causal-LM batches, in order."""
+def _encoded(tokenizer, texts: list[str], batch_size: int, max_length: int, **kwargs):
+    """``(start, encoding)`` of each run of ``batch_size`` texts, padded and truncated to ``max_length`` tokens
+    (a tokenizer without a pad token pads with its EOS token)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    batches = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length)
+        yield start, tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                               max_length=max_length, **kwargs)
+
+
+def text_batches(tokenizer, texts: list[str], batch_size: int = 4, max_length: int = 128) -> list[dict]:
+    """Tokenize ``texts`` (truncated to ``max_length`` tokens) into padded causal-LM batches, in order."""
+    batches = []
+    for _, enc in _encoded(tokenizer, texts, batch_size, max_length):
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
     return batches
@@ -121,12 +127,8 @@ def classification_batches(tokenizer, texts: list[str], labels: list, label2id: 
     unknown = sorted({str(x) for x in labels} - set(label2id))
     if unknown:
         raise ValueError(f"labels {unknown[:5]} are not in label2id {sorted(label2id)}.")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     batches = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length)
+    for start, enc in _encoded(tokenizer, texts, batch_size, max_length):
         ids = torch.tensor([label2id[str(x)] for x in labels[start:start + batch_size]])
         batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": ids})
     return batches
@@ -144,9 +146,7 @@ def masked_lm_batches(tokenizer, texts: list[str], batch_size: int = 16, max_len
                          f"tokenizer (e.g. BERT's [MASK]).")
     generator = torch.Generator().manual_seed(seed)
     batches = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length, return_special_tokens_mask=True)
+    for _, enc in _encoded(tokenizer, texts, batch_size, max_length, return_special_tokens_mask=True):
         ids = enc["input_ids"]
         candidates = (enc["attention_mask"] == 1) & (enc["special_tokens_mask"] == 0)
         draw = torch.rand(ids.shape, generator=generator)

@@ -18,15 +18,17 @@ ADAPTERS = {
 }
 
 
-def three_adapter_model(arch, strategy="merged"):
+def three_adapter_model(arch, strategy="merged", adapters=ADAPTERS):
+    """A model of ``arch`` holding ``adapters`` (name -> HeadMaskConfig keywords) with random deltas; the first set
+    active, in eval mode."""
     model = None
-    for name, kw in ADAPTERS.items():
+    for name, kw in adapters.items():
         cfg = HeadMaskConfig(**kw, init_weights=False, forward_strategy=strategy)
         if model is None:
             model = get_peft_model(make_model(arch), cfg, adapter_name=name)
         else:
             model.add_adapter(name, cfg)
-    model.set_adapter("a")
+    model.set_adapter(next(iter(adapters)))
     return model.eval()
 
 

@@ -6,6 +6,7 @@ import pytest
 import scaled_delta  # noqa: F401  registers the "scaled_test" delta kind
 import torch
 from conftest import make_inputs, make_model, output_of
+from test_mixed_batch import three_adapter_model
 from peft import get_peft_model
 
 from peft_alps import HeadMaskConfig, HeadMaskLayer
@@ -23,15 +24,7 @@ WEIGHTS = [0.7, -1.3, 2.0]
 
 
 def three_adapters(arch, strategy="merged"):
-    model = None
-    for name, kw in ADAPTERS.items():
-        cfg = HeadMaskConfig(**kw, init_weights=False, forward_strategy=strategy)
-        if model is None:
-            model = get_peft_model(make_model(arch), cfg, adapter_name=name)
-        else:
-            model.add_adapter(name, cfg)
-    model.set_adapter("a")
-    return model.eval()
+    return three_adapter_model(arch, strategy, ADAPTERS)
 
 
 def weighted_reference(model, adapters, weights):
