@@ -593,7 +593,7 @@ def select_data_command(args) -> int:
     progress = sys.stderr.isatty()
     try:
         model, tokenizer = _causal_lm(args.model)
-        reference = _causal_lm(args.reference)[0] if args.reference else None
+        reference = _causal_lm(args.reference, with_tokenizer=False)[0] if args.reference else None
         if args.adapter:
             from peft import PeftModel  # HEADMASK is registered: importing .data_selection loaded PEFT
 
@@ -653,15 +653,15 @@ def check_layout_command(args) -> int:
     return 0
 
 
-def _causal_lm(base: str):
-    """``(model, tokenizer)`` of the causal LM checkpoint folder ``base`` (fp32, eager attention), with
+def _causal_lm(base: str, with_tokenizer: bool = True):
+    """``(model, tokenizer or None)`` of the causal LM checkpoint folder ``base`` (fp32, eager attention), with
     transformers' logging and progress bars off (our own one-line errors and summaries only)."""
     import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base) if with_tokenizer else None
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
     return model, tokenizer
 

@@ -120,6 +120,7 @@ def reference_fp32():
     return worker.adapter_tensors(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_equals_one_process(tmp_path, stage, reference_fp32):
     """deepspeed.initialize with ZeRO-2 / ZeRO-3 trains what one process trains. Float32 (DeepSpeed's ZeRO does not

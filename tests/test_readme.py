@@ -15,6 +15,7 @@ CLI_BLOCKS = re.findall(r"```bash\n(peft-alps .*?)```", README.read_text(), flag
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_readme_python_blocks_run(tmp_path, monkeypatch):
     assert len(BLOCKS) >= 4
     monkeypatch.chdir(tmp_path)
