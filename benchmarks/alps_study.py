@@ -181,8 +181,9 @@ def exact_match(model, tokenizer, examples, max_new_tokens: int, batch_size: int
     return hits / len(examples), outputs
 
 
-def train(model, batches, steps: int, lr: float) -> tuple[list[float], float]:
-    """``steps`` AdamW steps over ``batches`` (cycled), lr linear to 0, clip 1.0. Returns (losses, seconds)."""
+def train(model, batches, steps: int, lr: float, regulariser=None) -> tuple[list[float], float]:
+    """``steps`` AdamW steps over ``batches`` (cycled), lr linear to 0, clip 1.0. Returns (losses, seconds).
+    ``regulariser()`` (a scalar), if given, is added to each step's loss; the losses returned are the task loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
@@ -190,7 +191,7 @@ def train(model, batches, steps: int, lr: float) -> tuple[list[float], float]:
     losses, start = [], time.perf_counter()
     for step in range(steps):
         loss = nll(model, batches[step % len(batches)])
-        loss.backward()
+        (loss if regulariser is None else loss + regulariser()).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()

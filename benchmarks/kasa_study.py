@@ -44,24 +44,6 @@ from peft_alps.pretrained import load_smollm2
 METHODS = ("dense 10%", "kasa 10%", "lora+kasa", "lora")
 
 
-def train(model, batches, steps: int, lr: float, regulariser) -> tuple[list[float], float]:
-    """alps_study.train with ``regulariser()`` (a scalar) added to each step's loss; losses are the task loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
-    model.train()
-    losses, start = [], time.perf_counter()
-    for step in range(steps):
-        loss = study.nll(model, batches[step % len(batches)])
-        (loss + regulariser()).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses, time.perf_counter() - start
-
-
 def config_for(method: str, heads: dict, args):
     r = args.rank
     if method == "dense 10%":
@@ -84,7 +66,7 @@ def run(base, method, seed, heads, batches, evals, args) -> dict:
         regulariser = model.base_model._get_kasa_loss
     else:
         regulariser = lambda: 0.0  # noqa: E731
-    losses, seconds = train(model, batches, args.steps, args.lr, regulariser)
+    losses, seconds = study.train(model, batches, args.steps, args.lr, regulariser)
     final_reg = float(regulariser()) if method in ("kasa 10%", "lora+kasa") else None
     model = model.merge_and_unload()
     checked = study.check_heads_only(base, model, heads) if isinstance(config, HeadMaskConfig) else 0
