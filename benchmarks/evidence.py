@@ -695,7 +695,7 @@ def main(argv=None) -> None:
     if args.plan:
         plan(s)
         return
-    write_json(Path(args.out) / "settings.json", dict({k: v for k, v in vars(args).items()}, machine=machine(),
+    write_json(Path(args.out) / f"settings_{args.stage.replace(',', '+')}.json", dict({k: v for k, v in vars(args).items()}, machine=machine(),
                                                        command=" ".join(["benchmarks/evidence.py"] + sys.argv[1:])))
     if "pilot" in args.stage_list:
         pilot(s)
