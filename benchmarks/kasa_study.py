@@ -41,15 +41,16 @@ from common import machine, write_json
 from peft_alps import HeadMaskConfig, random_heads
 from peft_alps.pretrained import load_smollm2
 
-METHODS = ("dense 10%", "kasa 10%", "lora+kasa", "lora")
+METHODS = ("dense 10%", "kasa 10%", "kasa 10% r_t=0", "lora+kasa", "lora")
 
 
 def config_for(method: str, heads: dict, args):
     r = args.rank
     if method == "dense 10%":
         return HeadMaskConfig(heads=heads, parts=study.PARTS)
-    if method == "kasa 10%":
-        return HeadMaskConfig(heads=heads, parts=study.PARTS, delta_kind="kasa", kasa_rank=args.kasa_rank)
+    if method.startswith("kasa 10%"):
+        return HeadMaskConfig(heads=heads, parts=study.PARTS, delta_kind="kasa", kasa_rank=args.kasa_rank,
+                              kasa_truncate=0 if method.endswith("r_t=0") else None)
     kasa = {"kasa_config": KasaConfig()} if method == "lora+kasa" else {}
     return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", target_modules=["q_proj", "k_proj",
                       "v_proj"], task_type="CAUSAL_LM", **kasa)
@@ -60,14 +61,14 @@ def run(base, method, seed, heads, batches, evals, args) -> dict:
     config = config_for(method, heads, args)
     model = get_peft_model(copy.deepcopy(base), config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if method == "kasa 10%":
+    if method.startswith("kasa 10%"):
         regulariser = model.kasa_loss
     elif method == "lora+kasa":
         regulariser = model.base_model._get_kasa_loss
     else:
         regulariser = lambda: 0.0  # noqa: E731
     losses, seconds = study.train(model, batches, args.steps, args.lr, regulariser)
-    final_reg = float(regulariser()) if method in ("kasa 10%", "lora+kasa") else None
+    final_reg = float(regulariser()) if "kasa" in method else None
     model = model.merge_and_unload()
     checked = study.check_heads_only(base, model, heads) if isinstance(config, HeadMaskConfig) else 0
     t = time.perf_counter()
@@ -104,6 +105,9 @@ def main() -> None:
     add("--no-base-eval", action="store_true", help="skip the base model's held-out loss and exact match (another "
         "process of the same settings computes them; the general-text loss for forgetting is still computed)")
     add("--combine", nargs="+", metavar="JSON", help="only render the table of these results files")
+    add("--truncation", type=int, nargs="+", metavar="R_T", help="only measure, without training, what the KaSA "
+        "head delta's truncation of R_T components per head does to the held-out and general-text loss at init "
+        "(seed 0's heads; results/kasa_truncation.json)")
     args = parser.parse_args()
     if args.combine:
         print(render(args.combine))
@@ -130,6 +134,9 @@ def main() -> None:
         study.exact_match(base, tokenizer, evals["em"], args.max_new_tokens, args.eval_batch)[0]
     settings.update(base_heldout_loss=base_heldout, base_general_loss=base_general, base_exact_match=base_em)
     print(f"base: held-out {base_heldout} EM {base_em} general {base_general:.4f}", flush=True)
+    if args.truncation:
+        truncation_at_init(base, evals, args, settings)
+        return
     runs = []
     for seed in args.seeds:
         batches = study.make_batches(random.Random(seed).sample(train_set, len(train_set)), args.batch_size, pad)
@@ -145,6 +152,24 @@ def main() -> None:
     settings.update(wall_s=time.perf_counter() - t0)
     write_json(args.out, dict(settings=settings, machine=dict(machine(), platform=platform.platform()), runs=runs))
     print(render([args.out]))
+
+
+def truncation_at_init(base, evals, args, settings) -> None:
+    """Held-out and general-text loss of the untrained KaSA head delta (rank ``--kasa-rank``) for each truncation
+    r_t: at init the model is the base with r_t singular components removed from each selected head slice."""
+    heads = random_heads(base.config.num_hidden_layers, base.config.num_attention_heads, 0.1, 0)
+    rows = []
+    for r_t in args.truncation:
+        model = get_peft_model(copy.deepcopy(base), HeadMaskConfig(heads=heads, parts=study.PARTS, delta_kind="kasa",
+                                                                   kasa_rank=args.kasa_rank, kasa_truncate=r_t))
+        row = dict(truncate=r_t, heldout_loss=study.mean_nll(model, evals["heldout"]),
+                   general_loss=study.mean_nll(model, evals["general"]))
+        rows.append(row)
+        print(f"r_t {r_t:3d}: held-out {row['heldout_loss']:.4f} ({row['heldout_loss'] - settings['base_heldout_loss']:+.4f})"
+              f" general {row['general_loss']:.4f} ({row['general_loss'] - settings['base_general_loss']:+.4f})",
+              flush=True)
+        write_json(study.RESULTS / "kasa_truncation.json", dict(settings=settings, heads=len(sum(heads.values(), [])),
+                                                                 rows=rows))
 
 
 def spread(values) -> str:

@@ -12,7 +12,7 @@ Every variant trains the same model on the same batch with AdamW (lr 1e-4, weigh
   trainable, gradient rows of the heads not selected zeroed by tensor hooks (``common.paper_recipe_hooks``).
 * lora r16 / r64: stock PEFT LoRA on q_proj, k_proj, v_proj (default alpha, no dropout).
 * kasa r4 / r8 / r16 10%: the same 10% heads, q/k/v, with the KaSA head delta (``delta_kind="kasa"``,
-  ``kasa_rank`` 4 / 8 / 16, truncation r_t = r); lora+kasa r16: PEFT's own LoRA+KaSA
+  ``kasa_rank`` 4 / 8 / 16, truncation r_t = r: ``kasa_truncate=None``, the costlier setting); lora+kasa r16: PEFT's own LoRA+KaSA
   (``LoraConfig(r=16, kasa_config=KasaConfig())``) on q/k/v. The KaSA regulariser is left out of the timed step
   for both (PEFT adds it only by hand; it is a few r x r Gram matrices).
 * full: full fine-tuning.
@@ -122,7 +122,7 @@ def build(variant: str, model: torch.nn.Module, heads: dict):
         model = get_peft_model(model, HeadMaskConfig(heads=heads[0.3 if "30%" in variant else 0.1], parts=parts))
     elif variant in KASA:
         model = get_peft_model(model, HeadMaskConfig(heads=heads[0.1], parts=["q", "k", "v"], delta_kind="kasa",
-                                                     kasa_rank=int(variant.split()[1][1:])))
+                                                     kasa_rank=int(variant.split()[1][1:]), kasa_truncate=None))
     elif variant == "paper-recipe":
         paper_recipe_hooks(model, heads[0.1], ["q", "k", "v"])
     elif variant == "lora+kasa r16":

@@ -155,6 +155,20 @@ def test_kasa_loss_equals_peft_per_head_and_the_forward_hook_adds_it():
     assert pm(input_ids=ids).get("loss") is None  # no labels: nothing added
 
 
+def test_the_default_does_not_truncate_and_none_means_the_rank():
+    base, inputs = make_model("llama"), make_inputs()
+    with torch.no_grad():
+        plain = get_peft_model(copy.deepcopy(base), HeadMaskConfig(heads={0: [1]}, delta_kind="kasa", kasa_rank=3))
+        assert torch.equal(output_of(plain, inputs), output_of(base, inputs))  # the model at init is the base
+        paper = get_peft_model(copy.deepcopy(base), HeadMaskConfig(heads={0: [1]}, delta_kind="kasa", kasa_rank=3,
+                                                                   kasa_truncate=None))
+        q = paper.base_model.model.model.layers[0].self_attn.q_proj
+        assert q.adapter_tensors("default")["dU"].shape[-1] == 3
+        trunc_u = [v for k, v in q.named_buffers() if "trunc_U" in k]
+        assert len(trunc_u) == 1 and trunc_u[0].shape[-1] == 3  # r_t = r
+        assert not any("trunc" in k for k, _ in plain.named_buffers())
+
+
 def test_bad_options_are_refused_before_anything_is_built():
     with pytest.raises(ValueError, match="kasa_rank"):
         HeadMaskConfig(heads={0: [0]}, delta_kind="kasa", kasa_rank=0)

@@ -126,8 +126,8 @@ class KasaDelta(HeadDelta):
       the sign of the singular vectors; it is ambiguous only if ``s`` has a tie across the cut (then any base
       of the tied subspace is a valid truncation; the same base still gives the same term).
 
-    Options (``HeadMaskConfig``): ``kasa_rank`` (r), ``kasa_truncate`` (r_t; None: r, as the paper and PEFT;
-    0: no truncation); ``layout`` (for ``head_dim``). No bias update.
+    Options (``HeadMaskConfig``): ``kasa_rank`` (r), ``kasa_truncate`` (r_t; 0, the default: no truncation;
+    None: r, as the paper and PEFT); ``layout`` (for ``head_dim``). No bias update.
     """
 
     name = "kasa"
@@ -140,7 +140,7 @@ class KasaDelta(HeadDelta):
             self.buffers = ()
 
     def configure(self, options):
-        rank, truncate = options.get("kasa_rank", 8), options.get("kasa_truncate")
+        rank, truncate = options.get("kasa_rank", 8), options.get("kasa_truncate", 0)
         truncate = rank if truncate is None else truncate
         ok = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
         if not ok(rank, 1) or not ok(truncate, 0):

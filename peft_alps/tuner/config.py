@@ -77,10 +77,12 @@ class HeadMaskConfig(PeftConfig):
         metadata={"help": "delta_kind='kasa': rank r of each head's update dU diag(dsigma) dV^T."},
     )
     kasa_truncate: Optional[int] = field(
-        default=None,
+        default=0,
         metadata={"help": "delta_kind='kasa': number r_t of smallest singular components of each head's base slice "
                   "the delta removes (computed from the base at load, never stored, the base itself untouched). "
-                  "None (default): kasa_rank, as the paper and PEFT; 0: no truncation."},
+                  "0 (default): no truncation, the model at init is the base; None: kasa_rank, as the paper and "
+                  "PEFT (on SmolLM2-135M even r_t=1 on 10% of the heads raised the held-out loss by 0.22 nats "
+                  "before any training: benchmarks/README.md, KaSA head deltas)."},
     )
     kasa_beta: float = field(
         default=1e-4,
