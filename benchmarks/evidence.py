@@ -77,7 +77,7 @@ CANDIDATES = {
     "letter_counting": ("letter_counting", dict(min_words=3, max_words=5)),
     "spell_backward": ("spell_backward", dict(min_word_len=3, max_word_len=5)),
     "family_relationships": ("family_relationships", dict()),
-    "count_bits": ("count_bits", dict(min_n=1, max_n=255)),
+    "count_bits": ("count_bits", dict(min_n=1, max_n=4095)),
     "gcd": ("gcd", dict(min_numbers=2, max_numbers=2, min_value=1, max_value=60)),
 }
 TASKS = ("basic_arithmetic", "letter_counting", "family_relationships")
