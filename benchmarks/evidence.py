@@ -80,6 +80,10 @@ CANDIDATES = {
     "family_relationships": ("family_relationships", dict()),
     "count_bits": ("count_bits", dict(min_n=1, max_n=4095)),
     "gcd": ("gcd", dict(min_numbers=2, max_numbers=2, min_value=1, max_value=60)),
+    "multiplication": ("basic_arithmetic", dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2, operators=("*",),
+                                                allow_parentheses=False, allow_negation=False)),
+    "leg_counting": ("leg_counting", dict(min_animals=1, max_animals=2)),
+    "number_sequence": ("number_sequence", dict()),
 }
 TASKS = ("basic_arithmetic", "letter_counting", "gcd")  # why: benchmarks/README.md, evidence.py (the pilot)
 TRANSFER = {"basic_arithmetic": "chain_sum"}  # heads found on the key's data, used to train on the value's
@@ -159,7 +163,8 @@ def random_matched(layout, target: int, seed: int) -> dict[int, list[int]]:
     total = 0
     for layer, h in order:
         trial = {**chosen, layer: sorted(chosen.get(layer, []) + [h])}
-        cost = selection_params(layout, {layer: trial[layer]}) - selection_params(layout, {layer: chosen.get(layer, [])})
+        before = selection_params(layout, {layer: chosen.get(layer, [])})
+        cost = selection_params(layout, {layer: trial[layer]}) - before
         if total + cost <= target:
             chosen, total = trial, total + cost
     return dict(sorted(chosen.items()))
@@ -335,6 +340,10 @@ class Study:
         from peft import get_peft_model
 
         a, data, layout = self.args, self.data(task), self.layout
+        if method == "base":  # the reference: the model as it is, no training
+            return self.evaluate(self.base, dict(task=task, method=method, lr=0.0, seed=seed, split=split, steps=0,
+                                                 trainable=0, heads=None, first_loss=None, last_loss=None,
+                                                 train_s=0.0))
         scores = {} if method in ("random", "lc", "all", "full") else dict(self.scores(task))  # no probe needed
         if "@" in method:
             scores["transfer"] = self.scores(method.split("@")[1])
@@ -351,15 +360,20 @@ class Study:
         losses, seconds = study.train(model, data["batches"][seed], a.steps, lr, regulariser=reg)
         if config is not None:
             model = model.merge_and_unload()
-        t = time.perf_counter()
+        return self.evaluate(model, dict(task=task, method=method, lr=lr, seed=seed, split=split, steps=a.steps,
+                                         trainable=trainable,
+                                         heads={str(k): v for k, v in heads.items()} if heads is not None else None,
+                                         first_loss=losses[0], last_loss=statistics.mean(losses[-10:]),
+                                         train_s=seconds))
+
+    def evaluate(self, model, row: dict) -> dict:
+        """``row`` plus the answer loss and exact match on its split and the forgetting (general-text loss after
+        minus before)."""
+        t, data = time.perf_counter(), self.data(row["task"])
         general, base_general = self.general()
-        row = dict(task=task, method=method, lr=lr, seed=seed, split=split, steps=a.steps, trainable=trainable,
-                   heads={str(k): v for k, v in heads.items()} if heads is not None else None,
-                   first_loss=losses[0], last_loss=statistics.mean(losses[-10:]), train_s=seconds,
-                   loss=study.mean_nll(model, data["eval"][split]),
-                   exact_match=exact_match(model, self.tokenizer, data[split], a.eval_batch),
-                   forgetting=study.mean_nll(model, general) - base_general)
-        row["eval_s"] = time.perf_counter() - t
+        row.update(loss=study.mean_nll(model, data["eval"][row["split"]]),
+                   exact_match=exact_match(model, self.tokenizer, data[row["split"]], self.args.eval_batch),
+                   forgetting=study.mean_nll(model, general) - base_general, eval_s=time.perf_counter() - t)
         return row
 
     def cell(self, task, method, lr, seed, split, wait=False) -> dict | None:
@@ -397,7 +411,8 @@ class Study:
         return [(task, m, lr, 0, "val") for m in self.args.methods for lr in LR_GRID[METHODS[m]]]
 
     def main_cells(self):
-        return [(t, m, None, s, "test") for s in self.args.seeds for t in self.args.tasks for m in self.args.methods]
+        return [(t, "base", 0.0, 0, "test") for t in self.args.tasks] + \
+            [(t, m, None, s, "test") for s in self.args.seeds for t in self.args.tasks for m in self.args.methods]
 
     def ablation_cells(self):
         cells = [(t, m, None, s, "test") for s in self.args.seeds for t in self.args.tasks for m in self.args.ablations]
@@ -532,8 +547,11 @@ def report(out: Path) -> dict:
         found += [p for a, b in pairs if (p := paired(rows, a, b, "loss")) is not None] if claim != "table3" else []
         tests[claim] = dict(title=title, tests=found)
     analysis = selection_analysis(out)
+    pilot = json.loads((out / "pilot.json").read_text()) if (out / "pilot.json").exists() else {}
     result = dict(summary=table, claims=tests, selection_analysis=analysis, cells=len(rows),
-                  sweep=[r for r in rows if r["split"] == "val"])
+                  sweep=[r for r in rows if r["split"] == "val"],
+                  majority_baseline={t: p["majority_exact_match"] for t, p in pilot.items()
+                                     if "majority_exact_match" in p})
     write_json(out / "summary.json", result)
     (out / "evidence.md").write_text(markdown(result))
     plots(rows, table, analysis, out)
@@ -565,7 +583,8 @@ def selection_analysis(out: Path) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| task | method | lr | trainable | exact match | answer loss | forgetting | n |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | lr | trainable | exact match | answer loss | forgetting | n |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in result["summary"]:
         lines.append(f"| {c['task']} | {c['method']} | {c['lr']:g} | {c['trainable']:,} | {c['exact_match']:.3f} ± "
                      f"{c['exact_match_std']:.3f} | {c['loss']:.4f} ± {c['loss_std']:.4f} | {c['forgetting']:+.4f} | "
@@ -576,11 +595,15 @@ def markdown(result: dict) -> str:
         for t in c["tests"]:
             lines.append(f"| {t['a']} − {t['b']} | {t['metric']} | {t['n']} | {t['mean']:+.4f} | "
                          f"[{t['low']:+.4f}, {t['high']:+.4f}]{' *' if t['real'] else ''} |")
+    if result["majority_baseline"]:
+        lines += ["", "Always answering the most common training answer (validation split, from the pilot): " +
+                  ", ".join(f"{t} {v:.3f}" for t, v in result["majority_baseline"].items()) + "."]
     lines += ["", "**Where ALPS's heads sit** (10% by PAD, from the one probe per task)", ""]
     for task, a in result["selection_analysis"].items():
         lines.append(f"- {task}: heads per layer {a['alps_heads_per_layer']} (uniform: "
                      f"{a['random_expected_per_layer']:.1f}); first quarter of the layers holds "
-                     f"{a['share_in_first_quarter']:.0%}; Spearman PAD vs ||W_h|| {a['spearman_pad_vs_weight_norm']:+.2f}, "
+                     f"{a['share_in_first_quarter']:.0%}; Spearman PAD vs ||W_h|| "
+                     f"{a['spearman_pad_vs_weight_norm']:+.2f}, "
                      f"vs relative change {a['spearman_pad_vs_relative']:+.2f}, vs grad x weight "
                      f"{a['spearman_pad_vs_grad']:+.2f}; top-10% overlap PAD/relative "
                      f"{a['overlap_pad_relative_top10']:.0%}")
@@ -627,14 +650,19 @@ def plots(rows, table, analysis, out: Path) -> None:
 
 # ----- pilot -----
 def pilot(s: Study) -> None:
-    """Per candidate task: base exact match on validation, then all-heads training for ``--steps`` at lr 1e-3."""
+    """Per candidate task: base exact match on validation, then all-heads training for ``--steps`` at lr 1e-3; and
+    the exact match of always answering the most common training answer (a task whose trained exact match is near
+    it has learned the answer distribution, not the task)."""
     path = s.out / "pilot.json"
     done = json.loads(path.read_text()) if path.exists() else {}
     for task in s.args.candidates:
         if task in done:
             continue
         data = s.data(task)
-        row = dict(base_exact_match=exact_match(s.base, s.tokenizer, data["val"], s.args.eval_batch),
+        answers = [e["answer"] for e in data["train"]]
+        majority = max(set(answers), key=answers.count)
+        row = dict(majority_answer=majority, majority_exact_match=sum(e["answer"] == majority for e in data["val"]) /
+                   len(data["val"]), base_exact_match=exact_match(s.base, s.tokenizer, data["val"], s.args.eval_batch),
                    base_loss=study.mean_nll(s.base, data["eval"]["val"]))
         trained = s.run(task, "all", 1e-3, 0, "val")
         row.update(trained_exact_match=trained["exact_match"], trained_loss=trained["loss"], steps=s.args.steps,
@@ -642,7 +670,8 @@ def pilot(s: Study) -> None:
                    sample=[(e["answer"]) for e in data["val"][:3]])
         done[task] = row
         write_json(path, done)
-        print(f"pilot {task}: EM {row['base_exact_match']:.3f} -> {row['trained_exact_match']:.3f}, loss "
+        print(f"pilot {task}: EM {row['base_exact_match']:.3f} -> {row['trained_exact_match']:.3f} (always the most "
+              f"common training answer: {row['majority_exact_match']:.3f}), loss "
               f"{row['base_loss']:.3f} -> {row['trained_loss']:.3f} ({row['step_s']:.2f} s/step)", flush=True)
 
 
@@ -697,8 +726,9 @@ def main(argv=None) -> None:
     if args.plan:
         plan(s)
         return
-    write_json(Path(args.out) / f"settings_{args.stage.replace(',', '+')}.json", dict({k: v for k, v in vars(args).items()}, machine=machine(),
-                                                       command=" ".join(["benchmarks/evidence.py"] + sys.argv[1:])))
+    command = " ".join(["benchmarks/evidence.py"] + (argv if argv is not None else sys.argv[1:]))
+    write_json(Path(args.out) / f"settings_{args.stage.replace(',', '+')}.json",
+               dict(vars(args), machine=machine(), command=command))
     if "pilot" in args.stage_list:
         pilot(s)
     lrs = {}

@@ -165,9 +165,10 @@ def truncation_at_init(base, evals, args, settings) -> None:
         row = dict(truncate=r_t, heldout_loss=study.mean_nll(model, evals["heldout"]),
                    general_loss=study.mean_nll(model, evals["general"]))
         rows.append(row)
-        print(f"r_t {r_t:3d}: held-out {row['heldout_loss']:.4f} ({row['heldout_loss'] - settings['base_heldout_loss']:+.4f})"
-              f" general {row['general_loss']:.4f} ({row['general_loss'] - settings['base_general_loss']:+.4f})",
-              flush=True)
+        held = row["heldout_loss"] - settings["base_heldout_loss"]
+        general = row["general_loss"] - settings["base_general_loss"]
+        print(f"r_t {r_t:3d}: held-out {row['heldout_loss']:.4f} ({held:+.4f}) general {row['general_loss']:.4f} "
+              f"({general:+.4f})", flush=True)
         write_json(study.RESULTS / "kasa_truncation.json", dict(settings=settings, heads=len(sum(heads.values(), [])),
                                                                  rows=rows))
 

@@ -34,7 +34,7 @@ def test_every_cell_ran_and_the_report_has_every_claim(study):
     rows = _rows(study)
     tasks, seeds = list(evidence.TASKS), [0, 1]
     sweep = sum(len(evidence.LR_GRID[k]) for k in evidence.METHODS.values())
-    main = len(tasks) * len(evidence.METHODS) * len(seeds)
+    main = len(tasks) * (len(evidence.METHODS) * len(seeds) + 1)  # + the untrained base per task
     ablations = len(tasks) * len(evidence.ABLATIONS) * len(seeds) + 3 * len(evidence.TRANSFER) * len(seeds)
     assert len(rows) == sweep + main + ablations
     assert not list((study / "runs").glob("*.lock"))
