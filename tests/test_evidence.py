@@ -153,3 +153,13 @@ def test_locks(tmp_path):
     (tmp_path / "z.json").write_text("{}")
     assert not claims.claim("z") and not (tmp_path / "z.lock").exists()  # already done
     assert math.isnan(evidence.t_interval([1.0])[1])
+
+
+def test_the_report_keeps_only_cells_at_the_rate_the_sweep_picks():
+    val = [dict(method="alps", lr=lr, split="val", loss=loss) for lr, loss in ((1e-3, 0.5), (3e-3, 0.4))]
+    test = [dict(method=m, lr=lr, split="test") for m in ("alps", "kl", "alps@x") for lr in (1e-3, 3e-3)]
+    test.append(dict(method="lora", lr=1e-3, split="test"))  # no sweep for lora yet: kept
+    kept = evidence.current(val + test)
+    assert [r for r in kept if r["split"] == "val"] == val
+    assert sorted((r["method"], r["lr"]) for r in kept if r["split"] == "test") == \
+        [("alps", 3e-3), ("alps@x", 3e-3), ("kl", 3e-3), ("lora", 1e-3)]
