@@ -272,9 +272,6 @@ class Claims:
     def release(self, key: str) -> None:
         (self.folder / f"{key}.lock").unlink(missing_ok=True)
 
-    def busy(self, key: str) -> bool:
-        return (self.folder / f"{key}.lock").exists()
-
 
 class Study:
     """Loads the model, the data and the cached scores lazily; runs cells."""
@@ -703,9 +700,10 @@ def plan(s: Study) -> None:
     per_run = s.args.steps * 2.2 + 25
     for stage in s.args.stage_list:
         cells = s.cells(stage)
-        done = [c for c in cells if list(s.claims.folder.glob(cell_key(*c[:2], 0, *c[3:]).replace("lr0", "lr*")
-                                                              + ".json"))] if stage != "sweep" else \
-            [c for c in cells if s.claims.done(cell_key(*c)) is not None]
+        # a cell whose rate the sweep picks (lr None) counts as cached at any rate
+        done = [c for c in cells
+                if any(s.claims.folder.glob(cell_key(*c[:2], 0, *c[3:]).replace("lr0", "lr*") + ".json")
+                       if c[2] is None else [s.claims.done(cell_key(*c))])]
         print(f"{stage}: {len(cells)} cells, {len(done)} cached, ~{(len(cells) - len(done)) * per_run / 60:.0f} "
               f"min left")
 
