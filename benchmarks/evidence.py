@@ -401,12 +401,12 @@ class Study:
         """The sweep's best rate for ``method`` (ablation variants of the head selection use ALPS's)."""
         method = method if method in METHODS else "alps"
         kind = METHODS[method]
-        task = self.args.tasks[0]
+        task = self.args.sweep_task
         rows = [self.cell(task, method, lr, 0, "val", wait=True) for lr in LR_GRID[kind]]
         return min(rows, key=lambda r: r["loss"])["lr"]
 
     def sweep_cells(self):
-        task = self.args.tasks[0]
+        task = self.args.sweep_task
         return [(task, m, lr, 0, "val") for m in self.args.methods for lr in LR_GRID[METHODS[m]]]
 
     def main_cells(self):
@@ -714,6 +714,8 @@ def main(argv=None) -> None:
     add("--stage", default="all", help="pilot, sweep, main, ablations (with the transfer cells) or all (= the "
                                        "last three), or a comma-separated list")
     add("--tasks", nargs="+", default=list(TASKS), choices=list(CANDIDATES))
+    add("--sweep-task", default=TASKS[0], choices=list(CANDIDATES),
+        help="the task whose validation split picks every method's rate (so a run on other --tasks reuses it)")
     add("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES), help="pilot tasks")
     add("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     add("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
