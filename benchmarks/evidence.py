@@ -580,13 +580,18 @@ def selection_analysis(out: Path) -> dict:
     """Per task: where ALPS's 10% heads sit by layer, and how PAD relates to weight scale and relative change."""
     from scipy import stats
 
-    res = {}
+    def top10(values) -> set[int]:
+        flat = torch.tensor(values).flatten()
+        return set(flat.argsort(descending=True)[:math.ceil(0.1 * flat.numel())].tolist())
+
+    res, alps_heads = {}, {}
     for path in sorted((out / "scores").glob("*.json")):
         sc = json.loads(path.read_text())
         pad = torch.tensor(sc["pad"])
         n_layers, n_heads = pad.shape
         k = math.ceil(0.1 * pad.numel())
         top = pad.flatten().argsort(descending=True)[:k]
+        alps_heads[path.stem] = set(top.tolist())
         per_layer = torch.bincount(top // n_heads, minlength=n_layers).tolist()
         flat = {n: torch.tensor(sc[n]).flatten().tolist() for n in ("pad", "relative", "weight_norm", "grad_x_weight")}
         res[path.stem] = dict(
@@ -595,8 +600,11 @@ def selection_analysis(out: Path) -> dict:
             spearman_pad_vs_weight_norm=stats.spearmanr(flat["pad"], flat["weight_norm"])[0],
             spearman_pad_vs_relative=stats.spearmanr(flat["pad"], flat["relative"])[0],
             spearman_pad_vs_grad=stats.spearmanr(flat["pad"], flat["grad_x_weight"])[0],
-            overlap_pad_relative_top10=len(set(top.tolist()) & set(
-                torch.tensor(sc["relative"]).flatten().argsort(descending=True)[:k].tolist())) / k)
+            overlap_pad_relative_top10=len(alps_heads[path.stem] & top10(sc["relative"])) / k,
+            overlap_pad_grad_top10=len(alps_heads[path.stem] & top10(sc["grad_x_weight"])) / k)
+    for task, heads in alps_heads.items():  # the same heads on another task? (chance: 10%)
+        res[task]["overlap_alps_heads_with"] = {other: len(heads & h) / len(heads)
+                                                for other, h in alps_heads.items() if other != task}
     return res
 
 
@@ -624,7 +632,9 @@ def markdown(result: dict) -> str:
                      f"{a['spearman_pad_vs_weight_norm']:+.2f}, "
                      f"vs relative change {a['spearman_pad_vs_relative']:+.2f}, vs grad x weight "
                      f"{a['spearman_pad_vs_grad']:+.2f}; top-10% overlap PAD/relative "
-                     f"{a['overlap_pad_relative_top10']:.0%}")
+                     f"{a['overlap_pad_relative_top10']:.0%}, PAD/grad x weight {a['overlap_pad_grad_top10']:.0%}; "
+                     "ALPS heads shared with " + ", ".join(f"{o} {v:.0%}" for o, v in
+                                                           a["overlap_alps_heads_with"].items()) + " (chance 10%)")
     return "\n".join(lines) + "\n"
 
 
