@@ -587,12 +587,10 @@ def selection_analysis(out: Path) -> dict:
     res, alps_heads = {}, {}
     for path in sorted((out / "scores").glob("*.json")):
         sc = json.loads(path.read_text())
-        pad = torch.tensor(sc["pad"])
-        n_layers, n_heads = pad.shape
-        k = math.ceil(0.1 * pad.numel())
-        top = pad.flatten().argsort(descending=True)[:k]
-        alps_heads[path.stem] = set(top.tolist())
-        per_layer = torch.bincount(top // n_heads, minlength=n_layers).tolist()
+        n_layers, n_heads = torch.tensor(sc["pad"]).shape
+        alps_heads[path.stem] = top = top10(sc["pad"])
+        k = len(top)
+        per_layer = torch.bincount(torch.tensor(sorted(top)) // n_heads, minlength=n_layers).tolist()
         flat = {n: torch.tensor(sc[n]).flatten().tolist() for n in ("pad", "relative", "weight_norm", "grad_x_weight")}
         res[path.stem] = dict(
             alps_heads_per_layer=per_layer, random_expected_per_layer=k / n_layers,
@@ -600,8 +598,8 @@ def selection_analysis(out: Path) -> dict:
             spearman_pad_vs_weight_norm=stats.spearmanr(flat["pad"], flat["weight_norm"])[0],
             spearman_pad_vs_relative=stats.spearmanr(flat["pad"], flat["relative"])[0],
             spearman_pad_vs_grad=stats.spearmanr(flat["pad"], flat["grad_x_weight"])[0],
-            overlap_pad_relative_top10=len(alps_heads[path.stem] & top10(sc["relative"])) / k,
-            overlap_pad_grad_top10=len(alps_heads[path.stem] & top10(sc["grad_x_weight"])) / k)
+            overlap_pad_relative_top10=len(top & top10(sc["relative"])) / k,
+            overlap_pad_grad_top10=len(top & top10(sc["grad_x_weight"])) / k)
     for task, heads in alps_heads.items():  # the same heads on another task? (chance: 10%)
         res[task]["overlap_alps_heads_with"] = {other: len(heads & h) / len(heads)
                                                 for other, h in alps_heads.items() if other != task}
